@@ -1,0 +1,113 @@
+"""The ``soupkit`` command line: each command parses, calls one library function, prints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from soupkit.errors import SoupkitError
+
+RECIPE_FIELDS_HELP = """\b
+Recipe fields (YAML):
+  base_model   base model directory (relative to the recipe) or hub id org/name[@rev]
+  adapters     list of {name, path, weight}; weight defaults to 1.0, a list is a
+               gradient interpolated across layers
+  merge        method (see `soupkit methods`), rank (output rank budget), modules
+               (list of {match: glob, weights: {adapter: w}}; last match wins), and
+               the method's own parameters
+  output       adapter | model
+  dtype        float32 | float16 | bfloat16 (written tensors; maths is float32)
+  seed         seed of every random choice
+"""
+
+
+class SoupkitGroup(click.Group):
+    """Prints user errors as one line on stderr and exits 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except SoupkitError as err:
+            for e in [err, *getattr(err, "more", [])]:
+                click.echo(f"error: {e.line()}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=SoupkitGroup)
+@click.version_option(package_name="soupkit")
+def main() -> None:
+    """soupkit: declarative merge recipes for LoRA adapters."""
+
+
+@main.command(epilog="Example: soupkit merge recipes/cat.yaml -o merged/")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output directory (default: ./<recipe name>-merged).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the maths runs.")
+@click.option("--dry-run", is_flag=True, help="Plan and validate only; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def merge(recipe: Path, out: Path | None, device: str, dry_run: bool, overwrite: bool, quiet: bool) -> None:
+    """Run RECIPE and write one merged PEFT adapter (or full model)."""
+    from soupkit.describe import human_bytes
+    from soupkit.execute import RunOptions, merge_recipe
+    from soupkit.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    out = out or Path(f"{recipe.stem}-merged")
+    report = merge_recipe(loaded, None if dry_run else out, RunOptions(device, overwrite, dry_run, not quiet))
+    plan = report.plan
+    if dry_run:
+        click.echo(f"dry run: {len(plan.modules)} modules, rank {plan.rank}, would write {human_bytes(plan.bytes_written)}")
+        return
+    kept = f", energy kept >= {min(report.energy_kept.values()):.4f}" if report.energy_kept else ""
+    click.echo(f"wrote {out} ({plan.method}, {len(plan.modules)} modules, rank {plan.rank}{kept}) in {report.seconds:.1f} s")
+
+
+@main.command(epilog="Example: soupkit validate recipes/cat.yaml\n\n" + RECIPE_FIELDS_HELP)
+@click.argument("recipe", type=click.Path(path_type=Path))
+def validate(recipe: Path) -> None:
+    """Check RECIPE: schema, method parameters, and that its inputs exist and fit together."""
+    from soupkit.execute import plan_recipe
+    from soupkit.recipe import load_recipe
+
+    plan, _ = plan_recipe(load_recipe(recipe))
+    click.echo(f"{recipe}: ok ({plan.method}, {len(plan.modules)} modules, output rank {plan.rank})")
+
+
+@main.command(epilog="Example: soupkit plan recipes/ties.yaml")
+@click.argument("recipe", type=click.Path(path_type=Path))
+def plan(recipe: Path) -> None:
+    """Show what RECIPE will read per layer, output ranks, bytes and peak memory (headers only)."""
+    from soupkit.describe import describe_plan
+    from soupkit.execute import plan_recipe
+    from soupkit.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    built, _ = plan_recipe(loaded)
+    click.echo(describe_plan(loaded, built))
+
+
+@main.command(epilog="Example: soupkit methods --brief")
+@click.option("--brief", is_flag=True, help="One line per method.")
+def methods(brief: bool) -> None:
+    """List every merge method: its space (factors or dense delta), formula, parameters and paper."""
+    from soupkit.describe import describe_methods
+
+    click.echo(describe_methods(verbose=not brief))
+
+
+@main.command(epilog="Example: soupkit inspect examples/tiny/adapters/math")
+@click.argument("adapter", type=click.Path(path_type=Path))
+def inspect(adapter: Path) -> None:
+    """Show an adapter's rank, alpha, scale, targets, layers, dtype and per-module norms."""
+    from soupkit.describe import describe_adapter
+
+    if not adapter.is_dir():
+        raise SoupkitError(str(adapter), "an adapter directory", "no such directory", "check the path")
+    click.echo(describe_adapter(adapter))
+
+
+if __name__ == "__main__":
+    main()

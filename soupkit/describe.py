@@ -1,0 +1,88 @@
+"""Human-readable summaries printed by ``soupkit plan``, ``methods`` and ``inspect``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from soupkit.io.adapter import LoraAdapter
+from soupkit.io.base_model import layer_of
+from soupkit.methods import REGISTRY
+from soupkit.ops import frobenius_norm
+from soupkit.plan import Plan
+from soupkit.recipe.schema import Recipe
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def param_lines(params: type[BaseModel]) -> list[str]:
+    """One line per parameter: name, type, default, description."""
+    lines = []
+    for name, info in params.model_fields.items():
+        default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+        kind = getattr(info.annotation, "__name__", str(info.annotation))
+        lines.append(f"{name} ({kind}, {default}): {info.description or ''}".rstrip(": "))
+    return lines
+
+
+def describe_methods(verbose: bool = True) -> str:
+    """Every registered method: name, space, formula, parameters, paper."""
+    blocks = []
+    for name, method in sorted(REGISTRY.items()):
+        lines = [f"{name}  [{method.space}]  {method.summary}"]
+        if verbose:
+            lines.append(f"    paper: {method.paper}")
+            lines += [f"    {line}" for line in param_lines(method.Params)] or ["    (no parameters beyond weights and rank)"]
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
+
+
+def describe_plan(recipe: Recipe, plan: Plan) -> str:
+    """What will be read per layer, output rank per module, bytes, estimated peak memory."""
+    names = [a.name for a in recipe.adapters]
+    lines = [
+        f"method {plan.method}; output {recipe.output}, rank {plan.rank}, dtype {recipe.dtype}; "
+        f"targets {', '.join(plan.target_modules)}",
+    ]
+    for layer in plan.layers:
+        title = f"layer {layer.index}" if layer.index is not None else "outside layers"
+        lines.append(f"{title}:")
+        for m in layer.modules:
+            srcs = ", ".join(f"{names[s.adapter]}(r={s.rank}, w={s.weight:g})" for s in m.sources) or "none (zeros)"
+            lines.append(f"  {m.path}  [{m.d_out}x{m.d_in}]  rank {m.rank} -> {plan.rank}  <- {srcs}")
+    lines.append(
+        f"read {human_bytes(plan.bytes_read)}, write {human_bytes(plan.bytes_written)}, "
+        f"estimated peak working memory {human_bytes(plan.peak_bytes)} (one module at a time)"
+    )
+    return "\n".join(lines)
+
+
+def describe_adapter(directory: Path) -> str:
+    """Rank, alpha, scale, targets, layers, dtype and the norm of each module's update."""
+    adapter = LoraAdapter(directory.name, directory)
+    cfg = adapter.config
+    specs = list(adapter.modules.values())
+    dtypes = Counter(adapter.index.infos[s.a_key].dtype for s in specs)
+    layers = sorted({layer_of(s.path) for s in specs} - {None})  # type: ignore[type-var]
+    lines = [
+        f"adapter {directory}",
+        f"  r {cfg.get('r')}, lora_alpha {cfg.get('lora_alpha')}, use_rslora {bool(cfg.get('use_rslora'))}, "
+        f"rank_pattern {cfg.get('rank_pattern') or {}}, alpha_pattern {cfg.get('alpha_pattern') or {}}",
+        f"  base {cfg.get('base_model_name_or_path')}, task {cfg.get('task_type')}, fan_in_fan_out {adapter.fan_in_fan_out}",
+        f"  targets {', '.join(sorted({s.path.rsplit('.', 1)[-1] for s in specs}))}; "
+        f"layers {layers[0]}..{layers[-1]} ({len(layers)})" if layers else "  no layered modules",
+        f"  dtype {', '.join(f'{k} x{v}' for k, v in dtypes.items())}; {len(specs)} modules",
+        "  module  rank  scale  ||s B A||_F",
+    ]
+    for spec in specs:
+        norm = frobenius_norm(adapter.load(spec.path))
+        lines.append(f"  {spec.path}  {spec.rank}  {spec.scale:g}  {norm:.4g}")
+    return "\n".join(lines)

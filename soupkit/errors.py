@@ -1,0 +1,49 @@
+"""User-facing errors.
+
+Every error a user can cause is a :class:`SoupkitError`. The CLI prints it as ONE line
+(``where: expected ..., found ...; fix``) and exits with code 2, without a traceback.
+Anything else that escapes is an internal bug and is allowed to raise normally.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class SoupkitError(Exception):
+    """A problem with the user's input: recipe, files, adapters or options.
+
+    Args:
+        where: the recipe field, file or tensor key at fault (e.g. ``merge.density``).
+        expected: what soupkit needed there.
+        found: what it found instead.
+        fix: one short instruction that resolves it.
+    """
+
+    def __init__(self, where: str, expected: str, found: str, fix: str = "") -> None:
+        self.where, self.expected, self.found, self.fix = where, expected, found, fix
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        """The one-line message: ``where: expected X, found Y; fix``."""
+        text = f"{self.where}: expected {self.expected}, found {self.found}"
+        return f"{text}; {self.fix}" if self.fix else text
+
+
+class RecipeError(SoupkitError):
+    """The recipe file is malformed or names something that does not exist."""
+
+
+class AdapterError(SoupkitError):
+    """An adapter is unreadable, inconsistent with the others, or with the base model."""
+
+
+class UnsupportedAdapterError(AdapterError):
+    """An adapter uses a feature soupkit refuses rather than merge wrongly (DoRA, lora_bias, ...)."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

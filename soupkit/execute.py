@@ -1,0 +1,209 @@
+"""The executor: a plain loop over the plan's layers. Read factors, merge, pad, write."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from soupkit.errors import RecipeError, SoupkitError
+from soupkit.io.adapter import LoraAdapter
+from soupkit.io.base_model import BaseModelInfo
+from soupkit.io.resolve import resolve_reference
+from soupkit.io.writer import SafetensorsStreamWriter, atomic_output_dir, check_output_free, dtype_tag
+from soupkit.methods import LoraFactors, MergeContext, get_method
+from soupkit.ops import pad_rank
+from soupkit.plan import ModulePlan, Plan, build_plan
+from soupkit.recipe.schema import Recipe
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Run-time options that do not change the result (beyond float tolerance for ``device``)."""
+
+    device: str = "cpu"
+    overwrite: bool = False
+    dry_run: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Inputs:
+    """The opened inputs of a recipe: adapters (in recipe order) and base-model headers."""
+
+    adapters: list[LoraAdapter]
+    base: BaseModelInfo
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: its plan, where it wrote, energy kept per truncated module, seconds."""
+
+    plan: Plan
+    out: Path | None
+    energy_kept: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def open_inputs(recipe: Recipe) -> Inputs:
+    """Resolve and open every input (headers only)."""
+    base_dir = resolve_reference(recipe.base_model, recipe.root, "base_model")
+    adapters = [
+        LoraAdapter(spec.name, resolve_reference(spec.path, recipe.root, f"adapters.{i}.path"))
+        for i, spec in enumerate(recipe.adapters)
+    ]
+    return Inputs(adapters, BaseModelInfo(base_dir))
+
+
+def plan_recipe(recipe: Recipe) -> tuple[Plan, Inputs]:
+    """Open the inputs and build the plan, reading headers only."""
+    inputs = open_inputs(recipe)
+    return build_plan(recipe, inputs.adapters, inputs.base, recipe.dtype), inputs
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SoupkitError("--device", "a visible CUDA GPU", "none", "use --device cpu")
+    return torch.device(name)
+
+
+def iter_merged(
+    recipe: Recipe, plan: Plan, inputs: Inputs, device: torch.device, progress: bool = False
+) -> Iterator[tuple[ModulePlan, LoraFactors, float | None]]:
+    """Yield each planned module's merged factors (float32, padded to ``plan.rank``), layer by layer.
+
+    Memory: one module's inputs and output at a time.
+    """
+    method = get_method(recipe.merge.method)
+    layers = plan.layers
+    if progress:
+        from tqdm import tqdm
+
+        layers = tqdm(layers, desc=f"merge ({method.name})", unit="layer", leave=False)  # type: ignore[assignment]
+    for layer in layers:
+        for module in layer.modules:
+            if not module.sources:
+                zeros = LoraFactors(A=torch.zeros(plan.rank, module.d_in), B=torch.zeros(module.d_out, plan.rank))
+                yield module, zeros, None
+                continue
+            factors = [inputs.adapters[s.adapter].load(module.path, device) for s in module.sources]
+            ctx = MergeContext(module.path, recipe.merge.rank, recipe.seed, device)
+            result = method.merge(factors, [s.weight for s in module.sources], recipe.merge.params, ctx)
+            if not (torch.isfinite(result.factors.A).all() and torch.isfinite(result.factors.B).all()):
+                raise RuntimeError(f"method {method.name} produced non-finite values at {module.path}")
+            yield module, pad_rank(result.factors, plan.rank), result.energy_kept
+
+
+def adapter_keys(module: ModulePlan) -> tuple[str, str]:
+    """PEFT's on-disk keys for a module's A and B."""
+    if module.kind == "embedding":
+        return f"{PREFIX}{module.path}.lora_embedding_A", f"{PREFIX}{module.path}.lora_embedding_B"
+    return f"{PREFIX}{module.path}.lora_A.weight", f"{PREFIX}{module.path}.lora_B.weight"
+
+
+def base_reference(recipe: Recipe, inputs: Inputs, out: Path) -> str:
+    """How outputs name the base: a hub id as written, a local directory relative to ``out``."""
+    if resolve_reference(recipe.base_model, recipe.root, "base_model") != inputs.base.directory:
+        return recipe.base_model
+    return os.path.relpath(inputs.base.directory, out.resolve())
+
+
+def adapter_config(recipe: Recipe, plan: Plan, inputs: Inputs, out: Path) -> dict:
+    """A portable adapter_config.json: scale 1 (lora_alpha == r), one rank, no patterns."""
+    task_types = {a.config.get("task_type") for a in inputs.adapters}
+    return {
+        "peft_type": "LORA",
+        "task_type": task_types.pop() if len(task_types) == 1 else None,
+        "base_model_name_or_path": base_reference(recipe, inputs, out),
+        "r": plan.rank,
+        "lora_alpha": plan.rank,
+        "target_modules": list(plan.target_modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": plan.fan_in_fan_out,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+
+
+def write_adapter(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Path, options: RunOptions) -> dict[str, float]:
+    """Stream the merged adapter into ``tmp`` (renamed to ``out`` later); return energy kept per truncated module."""
+    tag = dtype_tag(DTYPES[recipe.dtype])
+    specs = {}
+    for module in plan.modules:
+        a_key, b_key = adapter_keys(module)
+        specs[a_key] = (tag, (plan.rank, module.d_in))
+        specs[b_key] = (tag, (module.d_out, plan.rank))
+    energy: dict[str, float] = {}
+    device = resolve_device(options.device)
+    with SafetensorsStreamWriter(tmp / "adapter_model.safetensors", specs, {"format": "pt"}) as writer:
+        for module, factors, kept in iter_merged(recipe, plan, inputs, device, options.progress):
+            a_key, b_key = adapter_keys(module)
+            writer.write(a_key, factors.A)
+            writer.write(b_key, factors.B)
+            if kept is not None:
+                energy[module.path] = round(kept, 6)
+    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, plan, inputs, out), indent=2) + "\n")
+    return energy
+
+
+def merge_recipe(recipe: Recipe, out: Path | None, options: RunOptions = RunOptions()) -> MergeReport:
+    """Run a recipe: plan from headers, then stream the merge into ``out`` atomically.
+
+    With ``options.dry_run`` only the plan is built. Raises SoupkitError for any user error,
+    before anything is written.
+    """
+    start = time.perf_counter()
+    if recipe.output == "model":
+        try:
+            from soupkit.export import export_model
+        except ImportError:
+            raise RecipeError("output", "adapter", "'model'", "full-model export is not available yet; use output: adapter") from None
+    if out is not None:
+        check_output_free(out, options.overwrite)
+    plan, inputs = plan_recipe(recipe)
+    report = MergeReport(plan=plan, out=out)
+    if options.dry_run or out is None:
+        return report
+    resolve_device(options.device)
+    with atomic_output_dir(out, options.overwrite) as tmp:
+        if recipe.output == "model":
+            report.energy_kept = export_model(recipe, plan, inputs, tmp, out, options)
+        else:
+            report.energy_kept = write_adapter(recipe, plan, inputs, tmp, out, options)
+        write_sidecars(recipe, plan, inputs, tmp, out, report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def write_sidecars(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Path, report: MergeReport) -> None:
+    """Lock file and model card. Input paths are written relative to ``out`` so the lock reruns."""
+    from soupkit.card import model_card
+    from soupkit.recipe.lock import LOCK_NAME, file_hashes, write_lock
+
+    final = out.resolve()
+    resolved = recipe.resolved()
+    resolved["base_model"] = base_reference(recipe, inputs, out)
+    for spec, adapter in zip(resolved["adapters"], inputs.adapters, strict=True):
+        spec["path"] = os.path.relpath(adapter.directory, final)
+    hashes = {"base_model": file_hashes(inputs.base.files(), inputs.base.directory, header_only=recipe.output == "adapter")}
+    for adapter in inputs.adapters:
+        hashes[adapter.name] = file_hashes(adapter.files(), adapter.directory)
+    summary = {"rank": plan.rank, "modules": len(plan.modules)}
+    if report.energy_kept:
+        summary["energy_kept_min"] = min(report.energy_kept.values())
+        summary["energy_kept"] = report.energy_kept
+    write_lock(tmp / LOCK_NAME, resolved, hashes, summary)
+    (tmp / "README.md").write_text(model_card(resolved, plan.rank, list(plan.target_modules), recipe.output))

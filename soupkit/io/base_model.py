@@ -1,0 +1,70 @@
+"""The base model as soupkit needs it: its config and its tensor headers, never its weights."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from soupkit.errors import AdapterError, SoupkitError
+from soupkit.io.adapter import LoraAdapter, ModuleSpec
+from soupkit.io.tensor_index import TensorIndex
+
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def layer_of(path: str) -> int | None:
+    """The transformer-block index in a module path (``model.layers.3.mlp`` -> 3), or None."""
+    match = LAYER_INDEX.search(f".{path}.")
+    return int(match.group(1)) if match else None
+
+
+class BaseModelInfo:
+    """config.json plus a header-only index of the base model's safetensors.
+
+    Args:
+        directory: a Hugging Face model directory (config.json + model*.safetensors).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise SoupkitError("base_model", f"a model directory with config.json at {directory}", "none", "check base_model")
+        self.config: dict = json.loads(config_path.read_text())
+        index = TensorIndex.from_dir(directory, "model")
+        if index is None:
+            raise SoupkitError(
+                "base_model", f"model.safetensors (or an index) in {directory}", "no safetensors weights", "save the base with safe_serialization=True"
+            )
+        self.index = index
+        layers = {layer_of(k) for k in index.keys()} - {None}
+        text_config = self.config.get("text_config", self.config)
+        self.num_layers: int = int(
+            text_config.get("num_hidden_layers") or text_config.get("n_layer") or (max(layers) + 1 if layers else 0)  # type: ignore[type-var]
+        )
+
+    def weight_key(self, path: str) -> str | None:
+        """The base tensor updated by module ``path`` (``path.weight``), if the base has it."""
+        key = f"{path}.weight"
+        return key if key in self.index else None
+
+    def check_module(self, adapter: LoraAdapter, spec: ModuleSpec) -> None:
+        """Refuse a module whose factor shapes do not fit the base weight (names both shapes)."""
+        key = self.weight_key(spec.path)
+        where = f"adapter '{adapter.name}' tensor {spec.a_key}"
+        if key is None:
+            raise AdapterError(where, f"a base tensor {spec.path}.weight", "none in the base model", "check that the adapter was trained on this base")
+        base_shape = self.index.infos[key].shape
+        transposed = spec.kind == "embedding" or adapter.fan_in_fan_out
+        expected = (spec.d_in, spec.d_out) if transposed else (spec.d_out, spec.d_in)
+        if tuple(base_shape) != expected:
+            raise AdapterError(
+                where,
+                f"base {key} of shape {expected} for A {(spec.rank, spec.d_in)} and B {(spec.d_out, spec.rank)}",
+                f"shape {tuple(base_shape)}",
+                "use the base model the adapter was trained on",
+            )
+
+    def files(self) -> list[Path]:
+        return [self.directory / "config.json", *self.index.files]

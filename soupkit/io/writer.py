@@ -1,0 +1,117 @@
+"""Streaming safetensors output and atomic output directories.
+
+Every output tensor's key, dtype and shape are known from the plan before any maths runs, so
+the header is written first and tensors are appended as they are produced: memory holds one
+tensor at a time, never the whole output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from soupkit.errors import SoupkitError
+from soupkit.io.tensor_index import DTYPES, TAG_OF_DTYPE
+
+TensorSpec = tuple[str, tuple[int, ...]]  # (safetensors dtype tag, shape)
+
+
+class SafetensorsStreamWriter:
+    """Write one safetensors file whose tensors are declared up front and arrive in order.
+
+    Args:
+        path: the file to create.
+        specs: ordered mapping key -> (dtype tag, shape); data is laid out in this order.
+        metadata: the header's ``__metadata__`` (string values).
+    """
+
+    def __init__(self, path: Path, specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None) -> None:
+        self.path, self.specs = path, specs
+        self._order = list(specs)
+        self._next = 0
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for key, (tag, shape) in specs.items():
+            size = DTYPES[tag][1]
+            for d in shape:
+                size *= d
+            header[key] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
+        self._fh = open(path, "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` (converted to its declared dtype); keys must come in declared order."""
+        expected = self._order[self._next]
+        if key != expected:
+            raise RuntimeError(f"writer expected tensor {expected!r} next, got {key!r}")
+        tag, shape = self.specs[key]
+        if tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"tensor {key!r} has shape {tuple(tensor.shape)}, planned {shape}")
+        data = tensor.detach().to(device="cpu", dtype=DTYPES[tag][0]).contiguous()
+        # Little-endian raw bytes, as safetensors stores them (viewed as uint8 to support bf16).
+        self._fh.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file; every declared tensor must have been written."""
+        self._fh.close()
+        if self._next != len(self._order):
+            raise RuntimeError(f"{self.path}: wrote {self._next} of {len(self._order)} tensors")
+
+    def __enter__(self) -> SafetensorsStreamWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._fh.close()
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    return TAG_OF_DTYPE[dtype]
+
+
+def check_output_free(out: Path, overwrite: bool) -> None:
+    """Refuse to touch an existing output unless ``overwrite`` (checked before any work)."""
+    if out.exists() and not overwrite:
+        raise SoupkitError(str(out), "a path that does not exist yet", "an existing path", "pass --overwrite or choose another -o")
+
+
+@contextmanager
+def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; rename it to ``out`` only if the block succeeds.
+
+    A crash or error leaves ``out`` untouched (absent, or the previous output) and removes the
+    temporary directory. With ``overwrite``, an existing ``out`` is replaced only at the end.
+    """
+    check_output_free(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.soupkit-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):  # make file contents durable before the rename publishes them
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if out.exists():
+            trash = out.parent / f".{out.name}.soupkit-old-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

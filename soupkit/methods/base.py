@@ -1,0 +1,119 @@
+"""The contract every merge method implements.
+
+A method sees ONE module at a time: the low-rank factors of every adapter that targets that
+module (scale already folded into B, so each update is ``delta_i = B_i @ A_i``), one weight
+per adapter, its validated parameters and a context (module name, rank budget, seeded RNG).
+It returns the merged update as factors. The executor owns reading, padding and writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+Space = Literal["factors", "delta"]
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: strict, so a typo like ``densty`` fails."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(MethodParams):
+    """For methods with no parameters beyond weights and rank."""
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's low-rank update with the scale folded in: ``delta = B @ A``.
+
+    Attributes:
+        A: (r, d_in) float tensor.
+        B: (d_out, r) float tensor.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """What a method may know besides its inputs.
+
+    Attributes:
+        module: module path, e.g. ``model.layers.0.self_attn.q_proj``.
+        rank: the recipe's output rank budget (``merge.rank``), or None.
+        seed: the recipe seed.
+        device: where the maths runs.
+    """
+
+    module: str
+    rank: int | None
+    seed: int
+    device: torch.device = torch.device("cpu")
+
+    def generator(self, salt: str = "") -> torch.Generator:
+        """A generator seeded by (seed, module, salt): independent of order, threads and device."""
+        digest = hashlib.sha256(f"{self.seed}|{self.module}|{salt}".encode()).digest()
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return gen
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """A merged module: its factors, and the Frobenius energy kept if it was truncated."""
+
+    factors: LoraFactors
+    energy_kept: float | None = None
+
+
+class MergeMethod(ABC):
+    """One merge method. Subclasses set the class attributes and implement ``merge``.
+
+    Attributes:
+        name: the recipe's ``merge.method`` value (snake_case).
+        space: ``factors`` (exact, never forms the dense delta) or ``delta`` (needs d_out x d_in).
+        paper: citation of the algorithm, shown by ``soupkit methods``.
+        summary: the formula in one line.
+        Params: the pydantic model of its parameters (extra keys are an error).
+    """
+
+    name: ClassVar[str]
+    space: ClassVar[Space]
+    paper: ClassVar[str]
+    summary: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = NoParams
+    # Parameters under which one adapter with weight 1 comes back unchanged (contract tests).
+    identity_params: ClassVar[dict] = {}
+    # False for methods whose result depends on adapter order beyond float rounding.
+    order_invariant: ClassVar[bool] = True
+
+    def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
+        """Upper bound of the merged rank of one module, from header information only."""
+        return budget if budget is not None else sum(input_ranks)
+
+    def check_inputs(self, input_ranks: list[list[int]], params: MethodParams) -> str | None:
+        """Return why these adapters cannot be merged by this method (or None).
+
+        Args:
+            input_ranks: per adapter, the ranks of its modules.
+            params: validated parameters.
+        """
+        return None
+
+    @abstractmethod
+    def merge(
+        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
+    ) -> MergeResult:
+        """Merge one module. ``factors`` and ``weights`` are aligned, one entry per adapter present."""

@@ -1,0 +1,32 @@
+"""Linear / task arithmetic on the updates (Ilharco et al. 2023, arXiv 2212.04089).
+
+delta = sum_i w_i s_i B_i A_i, re-factorised to ``merge.rank`` (default sum r_i: exact) by the
+thin-QR + small-core SVD of the concatenated factors; the dense d_out x d_in matrix is never formed.
+Space: factors. Unlike PEFT's ``linear`` (see ``peft_linear``) there are no cross terms.
+"""
+
+from __future__ import annotations
+
+from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
+from soupkit.methods.registry import register
+from soupkit.ops import concat_factors, truncate_factors
+
+
+@register
+class Linear(MergeMethod):
+    name = "linear"
+    space = "factors"
+    paper = "Editing Models with Task Arithmetic (Ilharco et al. 2023, arXiv 2212.04089)"
+    summary = "delta = sum_i w_i s_i B_i A_i, best rank-k factors via QR + core SVD (k default sum r_i)"
+
+    def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
+        total = sum(input_ranks)
+        return total if budget is None else min(budget, total)
+
+    def merge(
+        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
+    ) -> MergeResult:
+        stacked = concat_factors(factors, weights)
+        rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
+        merged, kept = truncate_factors(stacked, rank)
+        return MergeResult(merged, kept)

@@ -1,0 +1,163 @@
+"""The merge plan: which tensors each layer reads and writes, from headers only (pure, no maths).
+
+``soupkit plan`` prints it; the executor walks it layer by layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+from soupkit.errors import AdapterError, RecipeError
+from soupkit.io.adapter import LoraAdapter
+from soupkit.io.base_model import BaseModelInfo, layer_of
+from soupkit.methods import get_method
+from soupkit.recipe.schema import Recipe, Weight
+
+BYTES_F32 = 4
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One adapter's contribution to one module."""
+
+    adapter: int  # index into recipe.adapters
+    rank: int
+    weight: float
+    nbytes: int  # bytes of A and B on disk
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One output module: its inputs, shape (A is (rank, d_in), B is (d_out, rank)) and rank."""
+
+    path: str
+    kind: str  # "linear" | "embedding"
+    layer: int | None
+    d_in: int
+    d_out: int
+    sources: tuple[Source, ...]
+    rank: int  # the method's rank for this module, before zero-padding to Plan.rank
+
+    def peak_bytes(self, dense: bool, out_rank: int) -> int:
+        """Working memory to merge this module in float32: inputs, output, dense buffers if any."""
+        inputs = sum(s.rank for s in self.sources) * (self.d_in + self.d_out) * BYTES_F32
+        output = out_rank * (self.d_in + self.d_out) * BYTES_F32
+        dense_bytes = (len(self.sources) + 3) * self.d_in * self.d_out * BYTES_F32 if dense else 0
+        return 2 * inputs + output + dense_bytes
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    index: int | None  # None: modules outside the layer stack (embeddings, lm_head)
+    modules: tuple[ModulePlan, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the executor needs, computed before any tensor is read."""
+
+    method: str
+    layers: tuple[LayerPlan, ...]
+    rank: int  # uniform output rank (modules are zero-padded to it)
+    target_modules: tuple[str, ...]  # leaf names for adapter_config.json
+    fan_in_fan_out: bool
+    bytes_read: int
+    bytes_written: int
+    peak_bytes: int
+
+    @property
+    def modules(self) -> list[ModulePlan]:
+        return [m for layer in self.layers for m in layer.modules]
+
+
+def weight_at(weight: Weight, layer: int | None, num_layers: int) -> float:
+    """A scalar weight, or a gradient list interpolated linearly over depth (mergekit's rule)."""
+    if not isinstance(weight, list):
+        return float(weight)
+    if len(weight) == 1 or layer is None or num_layers <= 1:
+        return float(weight[0])
+    pos = layer / (num_layers - 1) * (len(weight) - 1)
+    lo = min(int(math.floor(pos)), len(weight) - 2)
+    frac = pos - lo
+    return float(weight[lo] * (1 - frac) + weight[lo + 1] * frac)
+
+
+def module_weight(recipe: Recipe, adapter: int, path: str, num_layers: int) -> float:
+    """Weight of adapter ``adapter`` at module ``path``: its own weight, then overrides (last wins)."""
+    spec = recipe.adapters[adapter]
+    weight: Weight = spec.weight
+    for override in recipe.merge.modules:
+        if spec.name in override.weights and fnmatch.fnmatchcase(path, override.match):
+            weight = override.weights[spec.name]
+    return weight_at(weight, layer_of(path), num_layers)
+
+
+def _output_modules(adapters: list[LoraAdapter], base: BaseModelInfo) -> dict[str, str]:
+    """Module path -> kind for every base module whose leaf name some adapter targets.
+
+    Modules an adapter lacks are still written (as zeros) so that the output's
+    ``target_modules`` leaf names describe exactly the tensors in the file, as PEFT and vLLM expect.
+    """
+    kind_of_leaf: dict[str, str] = {}
+    for adapter in adapters:
+        for spec in adapter.modules.values():
+            kind_of_leaf[spec.path.rsplit(".", 1)[-1]] = spec.kind
+    out = {}
+    for key, info in base.index.infos.items():
+        if key.endswith(".weight") and len(info.shape) == 2:
+            path = key[: -len(".weight")]
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf in kind_of_leaf:
+                out[path] = kind_of_leaf[leaf]
+    return out
+
+
+def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo, out_dtype: str) -> Plan:
+    """Plan the merge from headers: validate shapes, resolve weights and ranks, order by layer."""
+    method = get_method(recipe.merge.method)
+    for adapter in adapters:
+        for spec in adapter.modules.values():
+            base.check_module(adapter, spec)
+    flags = {a.fan_in_fan_out for a in adapters}
+    if len(flags) > 1:
+        raise AdapterError("adapters", "the same fan_in_fan_out in every adapter", "a mix of true and false", "use adapters of one base")
+    reason = method.check_inputs([[s.rank for s in a.modules.values()] for a in adapters], recipe.merge.params)
+    if reason:
+        raise RecipeError("merge.method", f"inputs that '{method.name}' can merge", reason, "choose another method")
+
+    modules: list[ModulePlan] = []
+    for path, kind in sorted(_output_modules(adapters, base).items()):
+        sources = []
+        for i, adapter in enumerate(adapters):
+            spec = adapter.modules.get(path)
+            if spec is not None:
+                nbytes = sum(adapter.index.infos[k].nbytes for k in (spec.a_key, spec.b_key))
+                sources.append(Source(i, spec.rank, module_weight(recipe, i, path, base.num_layers), nbytes))
+        shape = base.index.infos[f"{path}.weight"].shape
+        transposed = kind == "embedding" or adapters[0].fan_in_fan_out
+        d_out, d_in = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+        rank = method.output_rank([s.rank for s in sources], recipe.merge.params, recipe.merge.rank) if sources else 0
+        modules.append(ModulePlan(path, kind, layer_of(path), d_in, d_out, tuple(sources), rank))
+
+    rank = max((m.rank for m in modules), default=0)
+    if rank == 0:
+        raise AdapterError("adapters", "at least one adapted module", "no LoRA tensors", "check the adapter directories")
+    layer_ids = sorted({m.layer for m in modules if m.layer is not None})
+    layers = [LayerPlan(i, tuple(m for m in modules if m.layer == i)) for i in layer_ids]
+    rest = tuple(m for m in modules if m.layer is None)
+    if rest:
+        layers.append(LayerPlan(None, rest))
+    dense = method.space == "delta"
+    return Plan(
+        method=method.name,
+        layers=tuple(layers),
+        rank=rank,
+        target_modules=tuple(sorted({m.path.rsplit(".", 1)[-1] for m in modules})),
+        fan_in_fan_out=adapters[0].fan_in_fan_out,
+        bytes_read=sum(s.nbytes for m in modules for s in m.sources),
+        bytes_written=sum(rank * (m.d_in + m.d_out) for m in modules) * DTYPE_BYTES[out_dtype],
+        peak_bytes=max(m.peak_bytes(dense, rank) for m in modules),
+    )

@@ -1,0 +1,116 @@
+"""The recipe schema (pydantic v2, strict: unknown keys are errors).
+
+Field descriptions here are the single documentation of each field: ``soupkit validate --help``
+and the README's field table are generated from them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from soupkit.methods.base import MethodParams
+
+Weight = float | list[float]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdapterSpec(StrictModel):
+    """One input adapter."""
+
+    name: str = Field(
+        description="Short unique name, used in per-module weights and messages.", pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$"
+    )
+    path: str = Field(description="PEFT adapter directory (relative to the recipe file) or a hub id org/name[@revision].")
+    weight: Weight = Field(
+        default=1.0,
+        description="Mixing weight; a list is a gradient interpolated linearly across layers (first value at layer 0, "
+        "last at the last layer; modules outside the layer stack take the first value).",
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _non_empty(cls, value: Weight) -> Weight:
+        if isinstance(value, list) and not value:
+            raise ValueError("a weight list needs at least one value")
+        return value
+
+
+class ModuleOverride(StrictModel):
+    """Per-module weights: applies to modules whose path matches the glob; the last match wins."""
+
+    match: str = Field(description="Glob on the module path, e.g. '*.mlp.*' or 'model.layers.3.self_attn.q_proj'.")
+    weights: dict[str, Weight] = Field(description="Adapter name -> weight (or gradient) for matching modules.")
+
+
+class MergeSpec(BaseModel):
+    """How to merge. Keys other than these are the method's own parameters (see `soupkit methods`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str = Field(description="A method name from `soupkit methods`.")
+    rank: int | None = Field(default=None, ge=1, description="Output rank budget for methods that re-factorise.")
+    modules: list[ModuleOverride] = Field(default_factory=list, description="Per-module weight overrides.")
+    _params: MethodParams | None = PrivateAttr(default=None)
+
+    @property
+    def params(self) -> MethodParams:
+        """The method's validated parameters (set by ``load_recipe`` / ``Recipe.from_dict``)."""
+        if self._params is None:
+            raise RuntimeError("merge parameters were not validated; build recipes with Recipe.from_dict")
+        return self._params
+
+
+class Recipe(StrictModel):
+    """A merge recipe: base model, adapters, method, output."""
+
+    base_model: str = Field(description="Base model directory (relative to the recipe file) or hub id org/name[@revision].")
+    adapters: list[AdapterSpec] = Field(min_length=1, description="The adapters to merge, in order.")
+    merge: MergeSpec = Field(description="Method and its parameters.")
+    output: Literal["adapter", "model"] = Field(default="adapter", description="Write a PEFT adapter or a full model.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="bfloat16", description="Dtype of the written adapter tensors; the maths runs in float32."
+    )
+    seed: int = Field(default=0, description="Seed of every random choice (DARE drops, k-means init).")
+    _root: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> Recipe:
+        names = [a.name for a in self.adapters]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate adapter name '{dup[0]}'; give each adapter a unique name")
+        for i, override in enumerate(self.merge.modules):
+            for key in override.weights:
+                if key not in names:
+                    from soupkit.errors import did_you_mean
+
+                    raise ValueError(
+                        f"merge.modules.{i}.weights names adapter '{key}'{did_you_mean(key, names)}, "
+                        f"but the adapters are {names}"
+                    )
+        return self
+
+    @property
+    def root(self) -> Path:
+        """Directory that relative paths in the recipe resolve against (the recipe file's)."""
+        return self._root
+
+    @classmethod
+    def from_dict(cls, data: object, root: Path | None = None) -> Recipe:
+        """Validate a parsed recipe, method parameters included; errors are ``RecipeError``."""
+        from soupkit.recipe.load import validate_recipe
+
+        return validate_recipe(data, root or Path.cwd())
+
+    def resolved(self) -> dict:
+        """The recipe with every default filled in, method parameters included (for the lock file)."""
+        data = self.model_dump(mode="json", exclude={"merge"})
+        merge = {"method": self.merge.method, "rank": self.merge.rank, **self.merge.params.model_dump(mode="json")}
+        merge["modules"] = [m.model_dump(mode="json") for m in self.merge.modules]
+        return {**data, "merge": merge}
