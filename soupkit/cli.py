@@ -9,18 +9,6 @@ import click
 
 from soupkit.errors import SoupkitError
 
-RECIPE_FIELDS_HELP = """\b
-Recipe fields (YAML):
-  base_model   base model directory (relative to the recipe) or hub id org/name[@rev]
-  adapters     list of {name, path, weight}; weight defaults to 1.0, a list is a
-               gradient interpolated across layers
-  merge        method (see `soupkit methods`), rank (output rank budget), modules
-               (list of {match: glob, weights: {adapter: w}}; last match wins), and
-               the method's own parameters
-  output       adapter | model
-  dtype        float32 | float16 | bfloat16 (written tensors; maths is float32)
-  seed         seed of every random choice
-"""
 
 
 class SoupkitGroup(click.Group):
@@ -65,7 +53,18 @@ def merge(recipe: Path, out: Path | None, device: str, dry_run: bool, overwrite:
     click.echo(f"wrote {out} ({plan.method}, {len(plan.modules)} modules, rank {plan.rank}{kept}) in {report.seconds:.1f} s")
 
 
-@main.command(epilog="Example: soupkit validate recipes/cat.yaml\n\n" + RECIPE_FIELDS_HELP)
+class RecipeFieldsCommand(click.Command):
+    """A command whose help ends with every recipe field, generated from the schema's descriptions."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from soupkit.describe import recipe_field_rows
+
+        super().format_epilog(ctx, formatter)
+        with formatter.section("Recipe fields"):
+            formatter.write_dl(recipe_field_rows())
+
+
+@main.command(cls=RecipeFieldsCommand, epilog="Example: soupkit validate recipes/cat.yaml")
 @click.argument("recipe", type=click.Path(path_type=Path))
 def validate(recipe: Path) -> None:
     """Check RECIPE: schema, method parameters, and that its inputs exist and fit together."""

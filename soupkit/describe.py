@@ -45,6 +45,19 @@ def describe_methods(verbose: bool = True) -> str:
     return "\n".join(blocks)
 
 
+def recipe_field_rows() -> list[tuple[str, str]]:
+    """(field path, description) for every recipe field, from the schema's Field descriptions."""
+    from soupkit.recipe.schema import AdapterSpec, MergeSpec, ModuleOverride
+
+    rows = []
+    for prefix, model in (("", Recipe), ("adapters[].", AdapterSpec), ("merge.", MergeSpec), ("merge.modules[].", ModuleOverride)):
+        for name, info in model.model_fields.items():
+            default = "" if info.is_required() else f" Default: {info.get_default(call_default_factory=True)!r}."
+            rows.append((prefix + name, f"{info.description or ''}{default}"))
+    rows.append(("merge.<param>", "The chosen method's own parameters: see `soupkit methods`."))
+    return rows
+
+
 def describe_plan(recipe: Recipe, plan: Plan) -> str:
     """What will be read per layer, output rank per module, bytes, estimated peak memory."""
     names = [a.name for a in recipe.adapters]
