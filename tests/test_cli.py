@@ -109,3 +109,11 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     path.write_text("base_model: x\nadapters: [\n")
     result = invoke("validate", str(path))
     assert result.exit_code == 2 and "bad.yaml:3" in result.output and "valid YAML" in result.output
+
+
+def test_readme_documents_every_recipe_field() -> None:
+    from soupkit.describe import recipe_field_rows
+
+    readme = (ROOT / "README.md").read_text()
+    for field, _ in recipe_field_rows():
+        assert f"`{field}`" in readme, f"README's recipe reference lacks {field}"
