@@ -132,3 +132,22 @@ def test_per_module_and_gradient_weights(tmp_path: Path) -> None:
         w_code = 0.0 if ".layers.0." in path else 1.0
         want = w_math * math[path] + (w_code * code[path] if path in code else 0)
         assert_close_rel(delta, want)
+
+
+def test_merged_adapter_logits_equal_peft_with_both_adapters_active(tmp_path: Path) -> None:
+    """With weights 1 and 1, our single adapter reproduces PEFT running both source adapters at once."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = run(tmp_path, tiny_recipe("cat", (1.0, 1.0)))
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    base = AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32)
+    both = PeftModel.from_pretrained(base, TINY / "adapters" / "math", adapter_name="math")
+    both.load_adapter(TINY / "adapters" / "code", adapter_name="code")
+    both.base_model.set_adapter(["math", "code"])
+    with torch.no_grad():
+        want = both(ids).logits
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32), out)
+    with torch.no_grad():
+        got = merged(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
