@@ -108,5 +108,17 @@ def inspect(adapter: Path) -> None:
     click.echo(describe_adapter(adapter))
 
 
+@main.command(epilog="Example: soupkit verify merged/")
+@click.argument("out", type=click.Path(path_type=Path))
+def verify(out: Path) -> None:
+    """Re-hash OUT's inputs and files against its lock file; list what changed (exit 1 if anything did)."""
+    from soupkit.verify import describe_report, verify_output
+
+    report = verify_output(out)
+    click.echo(describe_report(out, report))
+    if not report.ok:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

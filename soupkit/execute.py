@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from soupkit.errors import RecipeError, SoupkitError
-from soupkit.io.adapter import LoraAdapter
+from soupkit.io.adapter import LoraAdapter, check_same_base
 from soupkit.io.base_model import BaseModelInfo
-from soupkit.io.resolve import resolve_reference
+from soupkit.io.resolve import hub_name, hub_pin, lock_reference, resolve_reference
 from soupkit.io.writer import SafetensorsStreamWriter, atomic_output_dir, check_output_free, dtype_tag
 from soupkit.methods import LoraFactors, MergeContext, get_method
 from soupkit.ops import pad_rank
@@ -55,11 +55,12 @@ class MergeReport:
 
 def open_inputs(recipe: Recipe) -> Inputs:
     """Resolve and open every input (headers only)."""
-    base_dir = resolve_reference(recipe.base_model, recipe.root, "base_model")
+    base_dir = resolve_reference(recipe.base_model, recipe.root, "base_model", "base+tokenizer" if recipe.output == "model" else "base")
     adapters = [
         LoraAdapter(spec.name, resolve_reference(spec.path, recipe.root, f"adapters.{i}.path"))
         for i, spec in enumerate(recipe.adapters)
     ]
+    check_same_base(adapters)
     return Inputs(adapters, BaseModelInfo(base_dir))
 
 
@@ -110,9 +111,10 @@ def adapter_keys(module: ModulePlan) -> tuple[str, str]:
 
 
 def base_reference(recipe: Recipe, inputs: Inputs, out: Path) -> str:
-    """How outputs name the base: a hub id as written, a local directory relative to ``out``."""
-    if resolve_reference(recipe.base_model, recipe.root, "base_model") != inputs.base.directory:
-        return recipe.base_model
+    """How outputs name the base: a hub id (without revision), a local directory relative to ``out``."""
+    name = hub_name(recipe.base_model)
+    if name and hub_pin(inputs.base.directory):
+        return name
     return os.path.relpath(inputs.base.directory, out.resolve())
 
 
@@ -193,11 +195,10 @@ def write_sidecars(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: P
     from soupkit.card import model_card
     from soupkit.recipe.lock import LOCK_NAME, file_hashes, write_lock
 
-    final = out.resolve()
     resolved = recipe.resolved()
-    resolved["base_model"] = base_reference(recipe, inputs, out)
+    resolved["base_model"] = lock_reference(inputs.base.directory, out)  # hub inputs pinned to their commit
     for spec, adapter in zip(resolved["adapters"], inputs.adapters, strict=True):
-        spec["path"] = os.path.relpath(adapter.directory, final)
+        spec["path"] = lock_reference(adapter.directory, out)
     hashes = {"base_model": file_hashes(inputs.base.files(), inputs.base.directory, header_only=recipe.output == "adapter")}
     for adapter in inputs.adapters:
         hashes[adapter.name] = file_hashes(adapter.files(), adapter.directory)
@@ -205,5 +206,6 @@ def write_sidecars(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: P
     if report.energy_kept:
         summary["energy_kept_min"] = min(report.energy_kept.values())
         summary["energy_kept"] = report.energy_kept
-    write_lock(tmp / LOCK_NAME, resolved, hashes, summary)
     (tmp / "README.md").write_text(model_card(resolved, plan.rank, list(plan.target_modules), recipe.output))
+    outputs = file_hashes(sorted(f for f in tmp.rglob("*") if f.is_file() and f.name != LOCK_NAME), tmp)
+    write_lock(tmp / LOCK_NAME, resolved, hashes, summary, outputs)

@@ -24,6 +24,7 @@ SUFFIXES: dict[str, tuple[str, str]] = {
     ".lora_embedding_B": ("embedding", "B"),
 }
 Kind = Literal["linear", "embedding"]
+BASE_LAYER_COPY = ".base_layer.weight"
 
 
 @dataclass(frozen=True)
@@ -56,22 +57,55 @@ def pattern_value(patterns: dict[str, int], path: str, default: float) -> float:
     return default
 
 
+# adapter_config.json fields whose adapters are not a plain low-rank update W + s*B@A (or that change the
+# base), with the reason shown to the user. Values that are falsy (None, False, {}, []) are fine.
+REFUSED_FIELDS: dict[str, str] = {
+    "use_dora": "DoRA rescales W + dB per row: not a low-rank update",
+    "lora_bias": "lora_bias adds a bias vector: not a low-rank update",
+    "modules_to_save": "modules_to_save holds full module copies: not a low-rank update",
+    "target_parameters": "target_parameters (nn.Parameter LoRA) is not a module LoRA",
+    "trainable_token_indices": "trainable_token_indices holds extra token embeddings",
+    "layer_replication": "layer_replication changes the model's layer stack",
+    "kasa_config": "KaSA adds a singular-value modulation",
+    "velora_config": "VeLoRA changes the forward pass",
+    "monteclora_config": "MonteCLoRA samples its update",
+    "use_bdlora": "BD-LoRA uses block-diagonal factors",
+    "arrow_config": "Arrow routes between several LoRAs",
+    "alora_invocation_tokens": "aLoRA applies only after invocation tokens",
+    "use_qalora": "QA-LoRA pools the input groups",
+}
+# init schemes that rewrite the base weights, so the adapter's delta is relative to a different base
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
+FLOAT_TAGS = {"F16", "BF16", "F32", "F64"}
+
+
 def _refuse_features(name: str, config: dict) -> None:
+    """Refuse, with the reason, every config feature that a plain low-rank merge would get wrong."""
     where = f"adapter '{name}' adapter_config.json"
     if config.get("peft_type", "LORA") != "LORA":
         raise UnsupportedAdapterError(where, "peft_type LORA", repr(config.get("peft_type")), "soupkit merges LoRA adapters only")
-    if config.get("use_dora"):
+    for field, reason in REFUSED_FIELDS.items():
+        value = config.get(field)
+        if value:
+            shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
+            raise UnsupportedAdapterError(
+                where,
+                "a plain LoRA adapter",
+                f"{field}: {shown} ({reason})",
+                "soupkit refuses it rather than write a wrong adapter; merge it into the model with PEFT's merge_and_unload",
+            )
+    if config.get("bias", "none") != "none":
         raise UnsupportedAdapterError(
-            where, "a plain LoRA", "use_dora: true (DoRA is not a low-rank update)", "merge DoRA adapters with PEFT's merge_and_unload"
+            where, "bias: none", f"bias: {config['bias']!r} (the adapter also trains base biases)", "retrain with bias='none' or merge it with PEFT"
         )
-    if config.get("lora_bias"):
-        raise UnsupportedAdapterError(where, "a plain LoRA", "lora_bias: true", "retrain without lora_bias or merge it with PEFT")
-    if config.get("modules_to_save"):
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_CHANGING_INITS):
         raise UnsupportedAdapterError(
-            where, "no modules_to_save", f"modules_to_save: {config['modules_to_save']}", "drop them from the adapter"
+            where,
+            "an adapter relative to the original base",
+            f"init_lora_weights: {init!r} (this init rewrites the base weights)",
+            "convert it with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) first",
         )
-    if config.get("target_parameters"):
-        raise UnsupportedAdapterError(where, "no target_parameters", "target_parameters set", "soupkit merges module LoRAs only")
 
 
 class LoraAdapter:
@@ -100,28 +134,47 @@ class LoraAdapter:
             )
         self.index = index
         self.fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
+        self.base_layer_copies: dict[str, str] = {}  # module path -> key of a saved copy of its base weight
         self.modules = self._scan_modules()
 
     def _scan_modules(self) -> dict[str, ModuleSpec]:
         parts: dict[str, dict[str, str]] = {}
         kinds: dict[str, str] = {}
         for key in self.index.keys():
+            if key.endswith(BASE_LAYER_COPY):  # PEFT saves embeddings' base weights beside their LoRA
+                path = key.removeprefix(PREFIX).removesuffix(BASE_LAYER_COPY)
+                self.base_layer_copies[path] = key
+                continue
             suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
             if suffix is None:
                 raise UnsupportedAdapterError(
-                    f"adapter '{self.name}' tensor {key}", "only lora_A/lora_B tensors", "another tensor", "remove it or merge with PEFT"
+                    f"adapter '{self.name}' tensor {key}",
+                    "only lora_A/lora_B (or lora_embedding_A/B) tensors",
+                    "another tensor (a feature soupkit cannot merge as a low-rank update)",
+                    "remove it, or merge the adapter into the model with PEFT",
                 )
             path = key[: -len(suffix)]
             path = path[len(PREFIX) :] if path.startswith(PREFIX) else path
             kinds[path], factor = SUFFIXES[suffix]
             parts.setdefault(path, {})[factor] = key
+        for path, key in self.base_layer_copies.items():
+            if path not in parts:
+                raise UnsupportedAdapterError(
+                    f"adapter '{self.name}' tensor {key}", "a base-layer copy beside a LoRA", "a full module copy without LoRA", "remove it"
+                )
         return {path: self._module_spec(path, kinds[path], keys) for path, keys in sorted(parts.items())}
 
     def _module_spec(self, path: str, kind: str, keys: dict[str, str]) -> ModuleSpec:
         where = f"adapter '{self.name}' module {path}"
         if set(keys) != {"A", "B"}:
             raise AdapterError(where, "both lora_A and lora_B", f"only lora_{''.join(keys)}", "re-save the adapter")
-        a_shape, b_shape = self.index.infos[keys["A"]].shape, self.index.infos[keys["B"]].shape
+        a_info, b_info = self.index.infos[keys["A"]], self.index.infos[keys["B"]]
+        a_shape, b_shape = a_info.shape, b_info.shape
+        for key, info in ((keys["A"], a_info), (keys["B"], b_info)):
+            if info.dtype not in FLOAT_TAGS:
+                raise UnsupportedAdapterError(
+                    f"adapter '{self.name}' tensor {key}", "a float tensor (F16, BF16, F32, F64)", info.dtype, "dequantise the adapter first"
+                )
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise UnsupportedAdapterError(where, "2-D factors (Linear or Embedding)", f"shapes {a_shape}, {b_shape}", "conv LoRAs are not supported")
         rank = a_shape[0]
@@ -137,12 +190,60 @@ class LoraAdapter:
     def load(self, path: str, device: torch.device | str = "cpu") -> LoraFactors:
         """Read one module's factors as float32 on ``device``, with the scale folded into B."""
         spec = self.modules[path]
-        A = self.index.get(spec.a_key).to(device=device, dtype=torch.float32)
-        B = self.index.get(spec.b_key).to(device=device, dtype=torch.float32) * spec.scale
+        A = self._read(spec.a_key).to(device=device, dtype=torch.float32)
+        B = self._read(spec.b_key).to(device=device, dtype=torch.float32) * spec.scale
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise AdapterError(f"adapter '{self.name}' module {path}", "finite values", "NaN or Inf", "retrain or repair the adapter")
         return LoraFactors(A=A, B=B)
 
+    def _read(self, key: str) -> torch.Tensor:
+        """One stored tensor; a file safetensors cannot parse is a user error, not a traceback."""
+        try:
+            return self.index.get(key)
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            file = self.index.infos[key].file
+            raise AdapterError(f"adapter '{self.name}' tensor {key}", f"a readable tensor in {file}", f"{type(err).__name__}: {err}"[:200], "re-download or re-save the file") from None
+
+    def base_model_name(self) -> str | None:
+        """The last component of ``base_model_name_or_path`` (hub repo name or directory name), lower-cased.
+
+        A local directory is resolved against the adapter directory (as soupkit's fixtures write it)
+        and then the current directory (as PEFT reads it); a hub-cache snapshot maps to its repo name.
+        """
+        ref = self.config.get("base_model_name_or_path")
+        if not ref or not isinstance(ref, str):
+            return None
+        from soupkit.io.resolve import hub_pin, parse_hub_id
+
+        for candidate in (self.directory / ref, Path(ref)):
+            if candidate.is_dir():
+                resolved = candidate.resolve()
+                pin = hub_pin(resolved)
+                return (pin.split("@")[0] if pin else resolved.name).rsplit("/", 1)[-1].lower()
+        hub = parse_hub_id(ref)
+        name = hub[0] if hub else ref.rstrip("/\\")
+        return name.replace("\\", "/").rsplit("/", 1)[-1].lower() or None
+
     def files(self) -> list[Path]:
         """Every file of the adapter that the merge reads."""
         return [self.directory / "adapter_config.json", *self.index.files]
+
+
+def check_same_base(adapters: list[LoraAdapter]) -> None:
+    """Refuse adapters whose ``base_model_name_or_path`` name different models.
+
+    Shapes are checked against the base separately; this catches what shapes cannot, e.g. a
+    ``Llama-3-8B`` adapter next to a ``Llama-3-8B-Instruct`` one (same shapes, different weights).
+    Adapters that do not name a base are not compared.
+    """
+    named = [(a, a.base_model_name()) for a in adapters]
+    named = [(a, n) for a, n in named if n]
+    for adapter, name in named[1:]:
+        first, first_name = named[0]
+        if name != first_name:
+            raise AdapterError(
+                f"adapters '{first.name}' and '{adapter.name}'",
+                "adapters trained on one base model",
+                f"base_model_name_or_path {first.config['base_model_name_or_path']!r} and {adapter.config['base_model_name_or_path']!r}",
+                "merge adapters of one base; if both name the same model, make base_model_name_or_path agree in adapter_config.json",
+            )

@@ -6,7 +6,9 @@ import json
 import re
 from pathlib import Path
 
-from soupkit.errors import AdapterError, SoupkitError
+import torch
+
+from soupkit.errors import AdapterError, SoupkitError, UnsupportedAdapterError
 from soupkit.io.adapter import LoraAdapter, ModuleSpec
 from soupkit.io.tensor_index import TensorIndex
 
@@ -31,7 +33,12 @@ class BaseModelInfo:
         config_path = directory / "config.json"
         if not config_path.is_file():
             raise SoupkitError("base_model", f"a model directory with config.json at {directory}", "none", "check base_model")
-        self.config: dict = json.loads(config_path.read_text())
+        try:
+            self.config: dict = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SoupkitError(str(config_path), "valid JSON", f"a parse error ({getattr(err, 'msg', err)})", "fix or re-download the file") from None
+        if not isinstance(self.config, dict):
+            raise SoupkitError(str(config_path), "a JSON object", type(self.config).__name__, "fix or re-download the file")
         index = TensorIndex.from_dir(directory, "model")
         if index is None:
             raise SoupkitError(
@@ -64,6 +71,27 @@ class BaseModelInfo:
                 f"base {key} of shape {expected} for A {(spec.rank, spec.d_in)} and B {(spec.d_out, spec.rank)}",
                 f"shape {tuple(base_shape)}",
                 "use the base model the adapter was trained on",
+            )
+        self.check_base_layer_copy(adapter, spec, key)
+
+    def check_base_layer_copy(self, adapter: LoraAdapter, spec: ModuleSpec, base_key: str) -> None:
+        """PEFT saves an embedding's base weight beside its LoRA; it must equal ours, or the vocabulary was changed.
+
+        Reads that one base tensor (an embedding matrix) once per adapter module that carries a copy.
+        """
+        key = adapter.base_layer_copies.get(spec.path)
+        if key is None:
+            return
+        where = f"adapter '{adapter.name}' tensor {key}"
+        copy_shape, base_shape = adapter.index.infos[key].shape, self.index.infos[base_key].shape
+        if tuple(copy_shape) != tuple(base_shape):
+            raise UnsupportedAdapterError(
+                where, f"the base's {base_key} shape {tuple(base_shape)}", f"shape {tuple(copy_shape)} (a resized vocabulary)", "merge it into the model with PEFT"
+            )
+        base = self.index.get(base_key)
+        if not torch.equal(adapter.index.get(key).to(base.dtype), base):
+            raise UnsupportedAdapterError(
+                where, f"a copy equal to the base's {base_key}", "different values (trained or resized embeddings)", "merge it into the model with PEFT"
             )
 
     def files(self) -> list[Path]:

@@ -82,8 +82,44 @@ def dtype_tag(dtype: torch.dtype) -> str:
     return TAG_OF_DTYPE[dtype]
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers (a previous call in this process) are stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_stale(out: Path) -> None:
+    """Tidy what a killed run (a dead PID) left beside ``out``.
+
+    ``.OUT.soupkit-old-PID`` exists only between the two renames that replace an old output, i.e.
+    after the new output in ``.OUT.soupkit-tmp-PID`` was complete and synced: that rename is
+    finished if ``out`` is missing. Every other temporary directory of a dead PID is deleted.
+    """
+    if not out.parent.is_dir():
+        return
+    for kind in ("old", "tmp"):
+        for stale in out.parent.glob(f".{out.name}.soupkit-{kind}-*"):
+            pid_text = stale.name.rsplit("-", 1)[-1]
+            if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+                continue
+            done = out.parent / f".{out.name}.soupkit-tmp-{pid_text}"
+            if kind == "old" and not out.exists() and done.is_dir():
+                os.replace(done, out)
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
 def check_output_free(out: Path, overwrite: bool) -> None:
-    """Refuse to touch an existing output unless ``overwrite`` (checked before any work)."""
+    """Refuse to touch an existing output unless ``overwrite`` (checked before any work).
+
+    Leftovers of killed runs are tidied first (see :func:`recover_stale`).
+    """
+    recover_stale(out)
     if out.exists() and not overwrite:
         raise SoupkitError(str(out), "a path that does not exist yet", "an existing path", "pass --overwrite or choose another -o")
 

@@ -62,8 +62,11 @@ def file_hashes(files: list[Path], root: Path, header_only: bool = False) -> dic
     return out
 
 
-def write_lock(path: Path, resolved: dict, inputs: dict, report: dict) -> None:
-    """Write the lock: ``resolved`` recipe fields first (so the file is itself a recipe)."""
-    meta = {"inputs": inputs, "versions": versions(), "report": report}
+def write_lock(path: Path, resolved: dict, inputs: dict, report: dict, outputs: dict | None = None) -> None:
+    """Write the lock: ``resolved`` recipe fields first (so the file is itself a recipe).
+
+    ``outputs`` maps each other file of the output directory to its sha256 (``soupkit verify``).
+    """
+    meta = {"inputs": inputs, "outputs": outputs or {}, "versions": versions(), "report": report}
     text = yaml.safe_dump(resolved, sort_keys=False) + yaml.safe_dump({"soupkit_lock": meta}, sort_keys=False)
     path.write_text("# Written by soupkit: the resolved recipe, input hashes and versions.\n" + text)
