@@ -36,15 +36,23 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Plan and validate only; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def merge(recipe: Path, out: Path | None, device: str, dry_run: bool, overwrite: bool, quiet: bool) -> None:
+@click.option("--output-type", type=click.Choice(["adapter", "model"]), help="Override the recipe's `output`.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Full-model export: data per safetensors shard.")
+def merge(
+    recipe: Path, out: Path | None, device: str, dry_run: bool, overwrite: bool, quiet: bool, output_type: str | None, shard_size: str
+) -> None:
     """Run RECIPE and write one merged PEFT adapter (or full model)."""
     from soupkit.describe import human_bytes
     from soupkit.execute import RunOptions, merge_recipe
+    from soupkit.io.sharded import parse_size
     from soupkit.recipe import load_recipe
 
     loaded = load_recipe(recipe)
+    if output_type:
+        loaded = loaded.model_copy(update={"output": output_type})
     out = out or Path(f"{recipe.stem}-merged")
-    report = merge_recipe(loaded, None if dry_run else out, RunOptions(device, overwrite, dry_run, not quiet))
+    options = RunOptions(device, overwrite, dry_run, not quiet, shard_bytes=parse_size(shard_size))
+    report = merge_recipe(loaded, None if dry_run else out, options)
     plan = report.plan
     if dry_run:
         click.echo(f"dry run: {len(plan.modules)} modules, rank {plan.rank}, would write {human_bytes(plan.bytes_written)}")

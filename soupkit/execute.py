@@ -33,6 +33,7 @@ class RunOptions:
     overwrite: bool = False
     dry_run: bool = False
     progress: bool = True
+    shard_bytes: int = 5 * 10**9  # full-model export: data bytes per safetensors shard
 
 
 @dataclass
