@@ -116,6 +116,45 @@ def inspect(adapter: Path) -> None:
     click.echo(describe_adapter(adapter))
 
 
+@main.command(
+    "fit-alpha",
+    epilog="Example: soupkit fit-alpha recipes/cat.yaml --data calib.jsonl -o cat-fitted.yaml\n\n"
+    "Several GPUs: accelerate launch --num_processes 2 -m soupkit fit-alpha ... (same global batch, same weights).",
+)
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Calibration data: .jsonl with text | prompt+completion | messages, or a HF dataset name[:split].")
+@click.option("--eval-data", help="Held-out data for early stopping and the report (default: a seeded 10% of --data).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Fitted recipe to write (default: ./<recipe>-fitted.yaml).")
+@click.option("--report-dir", type=click.Path(path_type=Path), help="fit_report.json and PNGs (default: <out>-report/).")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default: --epochs passes over the data).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-2, show_default=True, help="Adam learning rate of the logits.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per micro-batch per process.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per example (longer ones are cut).")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--granularity", type=click.Choice(["module", "layer", "adapter"]), default="module", show_default=True)
+@click.option("--constraint", type=click.Choice(["softmax", "free"]), default="softmax", show_default=True)
+@click.option("--init", "init", type=click.Choice(["uniform", "recipe"]), default="uniform", show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=1), default=20, show_default=True, help="Steps between held-out evaluations.")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True, help="Evaluations without improvement before stopping.")
+@click.option("--search", type=click.Choice(["gradient", "lorahub"]), default="gradient", show_default=True)
+@click.option("--budget", type=click.IntRange(min=1), default=40, show_default=True, help="lorahub: loss evaluations.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="auto: bf16 on GPU.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing fitted recipe / report directory.")
+def fit_alpha(recipe: Path, data: str, eval_data: str | None, out: Path | None, report_dir: Path | None, overwrite: bool, **opts: object) -> None:
+    """Learn CAT's per-module adapter weights for RECIPE on calibration data; write a fitted recipe."""
+    from soupkit.fit.run import run_fit_alpha
+    from soupkit.fit.train import FitOptions
+
+    result = run_fit_alpha(recipe, data, eval_data, out, report_dir, FitOptions(**opts), overwrite)  # type: ignore[arg-type]
+    if result.main_process:
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in result.heldout.items())
+        click.echo(f"wrote {result.fitted_recipe} and {result.report_dir}/ ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s)")
+        click.echo(f"held-out loss per token: {losses}")
+
+
 @main.command(epilog="Example: soupkit verify merged/")
 @click.argument("out", type=click.Path(path_type=Path))
 def verify(out: Path) -> None:

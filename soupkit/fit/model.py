@@ -1,0 +1,216 @@
+"""The model ``fit-alpha`` trains: a frozen base with ONE concatenated low-rank path per target module.
+
+For a module with adapters i = 1..n present (scale folded into B_i):
+
+    y = W0 x + B_cat ((A_cat x) * w_rank),   A_cat = [A_1; ...; A_n] (R, d_in),  B_cat = [B_1, ..., B_n] (d_out, R)
+
+with R = sum_i r_i and ``w_rank`` (R,) the adapter weights repeated over each adapter's rank. This
+equals ``sum_i w_i B_i A_i x`` exactly (CAT), costs two thin matmuls, and keeps for backward only
+``A_cat x`` (tokens x R) per module: one path per adapter that scales each adapter's output
+(d_out wide) must keep n outputs of d_out per module instead. Only the weight logits train.
+
+Parametrisation (``constraint``): ``softmax`` -- per module, w = softmax of the logits of the
+adapters present (LoRA Soups' convex combination; a module with one adapter gets weight 1);
+``free`` -- w = the logits themselves. ``granularity`` shares logits across a layer's modules
+(``layer``) or across the whole model (``adapter``) instead of one set per module (``module``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soupkit.errors import SoupkitError
+from soupkit.fit.data import IGNORE
+from soupkit.recipe.schema import Recipe
+
+Granularity = Literal["module", "layer", "adapter"]
+Constraint = Literal["softmax", "free"]
+
+
+@dataclass(frozen=True)
+class TargetModule:
+    """One module the fit adapts: its path, layer, the adapters present and their ranks."""
+
+    path: str
+    layer: int | None
+    adapters: tuple[int, ...]  # indices into the recipe's adapters, in recipe order
+    ranks: tuple[int, ...]
+
+    @property
+    def leaf(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+
+class LowRankPath(nn.Module):
+    """Frozen concatenated factors of one module: A (R, d_in) and B (d_out, R) as buffers (not trained)."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, start: int) -> None:
+        super().__init__()
+        self.register_buffer("A", A, persistent=False)
+        self.register_buffer("B", B, persistent=False)
+        self.start, self.end = start, start + A.shape[0]  # this module's slice of the flat rank weights
+
+    def forward(self, x: torch.Tensor, w_rank: torch.Tensor) -> torch.Tensor:
+        """x (..., d_in), w_rank (R,) -> the update (..., d_out)."""
+        u = F.linear(x, self.A)
+        return F.linear(u * w_rank.to(u.dtype), self.B)
+
+
+def group_ids(targets: list[TargetModule], granularity: Granularity) -> list[int]:
+    """Which logit group each module uses: its own, its layer's, or the single global one."""
+    if granularity == "adapter":
+        return [0] * len(targets)
+    keys = [t.path if granularity == "module" else t.layer for t in targets]
+    order = list(dict.fromkeys(keys))
+    return [order.index(k) for k in keys]
+
+
+class CatFitModel(nn.Module):
+    """A causal LM with frozen concatenated LoRA paths whose per-adapter weights are learned.
+
+    Args:
+        base: a transformers causal LM (frozen here).
+        targets: the modules to adapt, in a fixed order (that order is the row order of weights).
+        factors: per target, the adapters' (A_i, B_i) with scale folded into B, aligned with ``adapters``.
+        n_adapters: number of adapters in the recipe.
+        granularity, constraint: see the module docstring.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        targets: list[TargetModule],
+        factors: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        n_adapters: int,
+        granularity: Granularity,
+        constraint: Constraint,
+    ) -> None:
+        super().__init__()
+        self.base, self.targets, self.constraint, self.n_adapters = base, targets, constraint, n_adapters
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        groups = group_ids(targets, granularity)
+        self.logits = nn.Parameter(torch.zeros(max(groups) + 1, n_adapters))
+        mask = torch.zeros(len(targets), n_adapters, dtype=torch.bool)
+        rank_index, self.paths, start = [], nn.ModuleList(), 0
+        dtype = next(base.parameters()).dtype
+        for m, (target, pairs) in enumerate(zip(targets, factors, strict=True)):
+            for a, r in zip(target.adapters, target.ranks, strict=True):
+                mask[m, a] = True
+                rank_index += [m * n_adapters + a] * r  # flat (module, adapter) index of every rank column
+            A = torch.cat([p[0] for p in pairs], dim=0).to(dtype)
+            B = torch.cat([p[1] for p in pairs], dim=1).to(dtype)
+            self.paths.append(LowRankPath(A, B, start))
+            start += A.shape[0]
+        self.register_buffer("group", torch.tensor(groups), persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("rank_index", torch.tensor(rank_index), persistent=False)
+        self.fixed: torch.Tensor | None = None  # (M, n) weights that bypass the logits (evaluation, search)
+        self._w_rank: torch.Tensor | None = None
+        self._hooks = [
+            base.get_submodule(t.path).register_forward_hook(self._hook_for(path)) for t, path in zip(targets, self.paths, strict=True)
+        ]
+
+    def _hook_for(self, path: LowRankPath):  # noqa: ANN202 - a forward hook
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if self._w_rank is None:
+                raise RuntimeError("call CatFitModel.forward, not the base model, while the paths are attached")
+            return output + path(args[0], self._w_rank[path.start : path.end])
+
+        return hook
+
+    def weights(self) -> torch.Tensor:
+        """Per-module adapter weights (M, n): 0 where an adapter is absent; differentiable in the logits."""
+        if self.fixed is not None:
+            return self.fixed.to(self.logits.device) * self.mask
+        logits = self.logits[self.group]
+        if self.constraint == "softmax":
+            return logits.masked_fill(~self.mask, -math.inf).softmax(dim=-1)
+        return logits * self.mask
+
+    def logits_for(self, weights: torch.Tensor) -> torch.Tensor:
+        """Logits (G, n) that reproduce per-module ``weights`` (M, n) at init; refuses what cannot be.
+
+        softmax keeps only each module's proportions (log w), so weights must be positive; with a
+        shared group the modules of a group must agree.
+        """
+        if self.constraint == "softmax":
+            if bool((weights[self.mask] <= 0).any()):
+                raise SoupkitError("--init recipe", "positive recipe weights with --constraint softmax", "a weight <= 0", "use --constraint free")
+            values = torch.where(self.mask, weights.clamp_min(1e-30).log(), torch.zeros_like(weights))
+        else:
+            values = torch.where(self.mask, weights, torch.zeros_like(weights))
+        logits = torch.zeros_like(self.logits)
+        seen = torch.zeros_like(self.logits, dtype=torch.bool)
+        for m, g in enumerate(self.group.tolist()):
+            for a in torch.nonzero(self.mask[m]).flatten().tolist():
+                if seen[g, a] and not torch.isclose(logits[g, a], values[m, a]):
+                    raise SoupkitError(
+                        "--init recipe", "recipe weights equal within each shared group", "weights that differ", "use --granularity module"
+                    )
+                logits[g, a], seen[g, a] = values[m, a], True
+        return logits
+
+    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapted model's logits (batch, length, vocab) under the current weights."""
+        self._w_rank = self.weights().flatten()[self.rank_index]
+        try:
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        finally:
+            self._w_rank = None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over label tokens (float32 or wider scalar) and their count."""
+        logits = self.lm_logits(input_ids, attention_mask)
+        targets = labels[:, 1:]
+        scores = logits[:, :-1].flatten(0, 1)
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 -> float32; float64 stays
+        loss = F.cross_entropy(scores, targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        return loss, (targets != IGNORE).sum()
+
+    def detach_paths(self) -> None:
+        """Remove the hooks: the base model is plain again."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+
+def build_fit_model(
+    recipe: Recipe, granularity: Granularity, constraint: Constraint, device: torch.device, dtype: torch.dtype
+) -> tuple[CatFitModel, torch.Tensor]:
+    """Load the recipe's base (frozen, ``dtype``, on ``device``) and attach one path per planned module.
+
+    Returns:
+        the model, and the recipe's own per-module weights (M, n) as the plan resolves them.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from soupkit.execute import plan_recipe
+
+    if recipe.merge.method != "cat":
+        raise SoupkitError("merge.method", "cat (fit-alpha learns CAT's weights)", repr(recipe.merge.method), "set merge.method: cat")
+    plan, inputs = plan_recipe(recipe)
+    if plan.fan_in_fan_out or any(m.kind != "linear" for m in plan.modules if m.sources):
+        raise SoupkitError("adapters", "LoRA on nn.Linear modules", "embedding or Conv1D (fan_in_fan_out) LoRA", "fit-alpha supports Linear targets only")
+    n = len(recipe.adapters)
+    modules = [m for m in plan.modules if m.sources]
+    targets = [TargetModule(m.path, m.layer, tuple(s.adapter for s in m.sources), tuple(s.rank for s in m.sources)) for m in modules]
+    recipe_weights = torch.zeros(len(modules), n)
+    factors = []
+    for i, m in enumerate(modules):
+        pairs = []
+        for s in m.sources:
+            f = inputs.adapters[s.adapter].load(m.path)
+            pairs.append((f.A.to(device), f.B.to(device)))
+            recipe_weights[i, s.adapter] = s.weight
+        factors.append(pairs)
+    base = AutoModelForCausalLM.from_pretrained(inputs.base.directory, dtype=dtype).to(device)
+    base.eval()  # no dropout: the loss is a deterministic function of the weights
+    model = CatFitModel(base, targets, factors, n, granularity, constraint).to(device)
+    return model, recipe_weights

@@ -1,0 +1,181 @@
+"""``soupkit fit-alpha`` end to end: load, fit (gradient or lorahub), write the fitted recipe and report.
+
+The fitted recipe is the input recipe with one ``merge.modules`` override per adapted module
+(exact module path as ``match``, the learned weights as plain numbers), appended last so they win;
+``soupkit merge`` consumes it unchanged and writes the merged adapter.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from soupkit.errors import SoupkitError
+from soupkit.fit.data import load_examples, split_heldout
+from soupkit.fit.model import CatFitModel, build_fit_model
+from soupkit.fit.report import weights_by_module, write_report
+from soupkit.fit.train import FitOptions, FitState, make_accelerator, train, with_weights
+from soupkit.io.resolve import resolve_reference
+from soupkit.recipe import Recipe, load_recipe
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    """What the CLI prints: where files went and the held-out losses."""
+
+    fitted_recipe: Path
+    report_dir: Path
+    heldout: dict[str, float]
+    steps: int
+    tokens_per_s: float
+    main_process: bool
+
+
+def default_paths(recipe_path: Path, out: Path | None, report_dir: Path | None) -> tuple[Path, Path]:
+    out = out or Path(f"{recipe_path.stem}-fitted.yaml")
+    return out, report_dir or out.parent / f"{out.stem}-report"
+
+
+def run_fit_alpha(
+    recipe_path: Path, data: str, eval_data: str | None, out: Path | None, report_dir: Path | None, options: FitOptions, overwrite: bool = False
+) -> FitOutcome:
+    """Fit the CAT weights of ``recipe_path`` on ``data`` and write the fitted recipe and report.
+
+    Every user error is raised before any file is written.
+    """
+    recipe = load_recipe(recipe_path)
+    out, report_dir = default_paths(recipe_path, out, report_dir)
+    for path in (out, report_dir):
+        if path.exists() and not overwrite:
+            raise SoupkitError(str(path), "a path that does not exist yet", "an existing one", "pass --overwrite or choose another -o/--report-dir")
+    if options.search == "lorahub" and options.init == "recipe":
+        raise SoupkitError("--init", "uniform with --search lorahub (LoraHub starts every weight at 0)", "recipe", "drop --init recipe")
+    accelerator = make_accelerator(options)
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    model, recipe_weights = build_fit_model(recipe, options.granularity, options.constraint, accelerator.device, dtype)
+    tokenizer, pad_id = load_tokenizer(recipe)
+    train_set = load_examples(data, tokenizer, options.seq_len, "--data")
+    if eval_data:
+        eval_set = load_examples(eval_data, tokenizer, options.seq_len, "--eval-data")
+    else:
+        train_set, eval_set = split_heldout(train_set, options.heldout_fraction, options.seed)
+    state = fit(accelerator, model, recipe_weights, train_set, eval_set, pad_id, options)
+    names = [a.name for a in recipe.adapters]
+    weights = weights_by_module(state.weights, model.targets, names)
+    fitted = fitted_recipe_data(recipe_path, recipe, weights, out)
+    Recipe.from_dict(fitted, out.resolve().parent)  # what we write must load as a recipe
+    if accelerator.is_main_process:
+        write_yaml(out, fitted, header=f"fitted by soupkit fit-alpha from {recipe_path.name} ({options.search}); see {report_dir}")
+        write_report(report_dir, build_report(state, options, weights, names), state.weights, model.targets, names)
+    accelerator.wait_for_everyone()
+    speed = state.tokens / state.seconds if state.seconds else 0.0
+    return FitOutcome(out, report_dir, state.heldout, state.steps, speed, accelerator.is_main_process)
+
+
+def load_tokenizer(recipe: Recipe) -> tuple[Any, int]:
+    """The base model's tokenizer and a pad id (pad, else eos, else 0: padding carries no loss anyway)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_reference(recipe.base_model, recipe.root, "base_model"))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer, int(pad or 0)
+
+
+def uniform_logits(model: CatFitModel) -> torch.Tensor:
+    """Equal logits: softmax gives 1/(adapters present) per module; free gives 1/n everywhere."""
+    value = 0.0 if model.constraint == "softmax" else 1.0 / model.n_adapters
+    return torch.full_like(model.logits, value)
+
+
+def fit(
+    accelerator: Any, model: CatFitModel, recipe_weights: torch.Tensor, train_set: list, eval_set: list, pad_id: int, options: FitOptions
+) -> FitState:
+    """Reference losses, then the search; returns the fitted weights (M, n) and everything measured."""
+    from soupkit.fit.lorahub import lorahub_search
+
+    with torch.no_grad():
+        model.logits.copy_(uniform_logits(model))
+        uniform = model.weights().detach().clone()
+        model.logits.copy_(model.logits_for(recipe_weights.to(model.logits.device)) if options.init == "recipe" else uniform_logits(model))
+    optimizer = torch.optim.Adam([model.logits], lr=options.lr)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    heldout = {
+        "uniform": with_weights(accelerator, prepared, uniform, eval_set, options.batch_size, pad_id),
+        "recipe": with_weights(accelerator, prepared, recipe_weights, eval_set, options.batch_size, pad_id),
+    }
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if options.search == "lorahub":
+        handful = [train_set[i] for i in torch.randperm(len(train_set), generator=torch.Generator().manual_seed(options.seed))]
+        best, curve = lorahub_search(
+            accelerator, prepared, handful[: options.lorahub_examples], pad_id, options.budget, options.l1, options.batch_size, options.seed
+        )
+        fixed = best.to(model.logits.device).expand(len(model.targets), -1).clone()
+        state = FitState(weights=fixed, heldout={}, curve=curve, steps=len(curve), num_processes=accelerator.num_processes)
+        state.heldout["fitted"] = with_weights(accelerator, prepared, fixed, eval_set, options.batch_size, pad_id)
+        state.weights = (fixed * model.mask).float().cpu()
+    else:
+        state = train(accelerator, prepared, optimizer, train_set, eval_set, pad_id, options)
+        state.weights = model.weights().detach().float().cpu()
+        heldout["init"] = state.curve[0]["eval_loss"]  # the held-out loss at the starting logits
+    state.heldout = {**heldout, **state.heldout}
+    state.device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu"
+    state.peak_memory_bytes = torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda" else None
+    state.extra = {"train_examples": len(train_set), "heldout_examples": len(eval_set)}
+    return state
+
+
+def fitted_recipe_data(recipe_path: Path, recipe: Recipe, weights: dict[str, dict[str, float]], out: Path) -> dict:
+    """The input recipe's YAML with local paths re-based to ``out``'s folder and per-module overrides appended."""
+    data = yaml.safe_load(recipe_path.read_text())
+    data.pop("soupkit_lock", None)
+    target = out.resolve().parent
+    data["base_model"] = _rebase(recipe.base_model, recipe.root, target)
+    for spec in data["adapters"]:
+        spec["path"] = _rebase(spec["path"], recipe.root, target)
+    merge = data["merge"]
+    merge["modules"] = list(merge.get("modules") or []) + [{"match": path, "weights": w} for path, w in weights.items()]
+    return data
+
+
+def _rebase(ref: str, root: Path, target: Path) -> str:
+    """A local path relative to the fitted recipe's folder; a hub id unchanged."""
+    local = Path(ref).expanduser()
+    local = local if local.is_absolute() else root / local
+    return os.path.relpath(local.resolve(), target) if local.is_dir() else ref
+
+
+def write_yaml(path: Path, data: dict, header: str) -> None:
+    """Write atomically (temporary file, then rename): never a half-written recipe."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"# {header}\n" + yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+
+
+def build_report(state: FitState, options: FitOptions, weights: dict[str, dict[str, float]], names: list[str]) -> dict[str, Any]:
+    """The fit_report.json content."""
+    return {
+        "adapters": names,
+        "search": options.search,
+        "granularity": "adapter" if options.search == "lorahub" else options.granularity,
+        "constraint": "free" if options.search == "lorahub" else options.constraint,
+        "heldout_loss": state.heldout,
+        "steps": state.steps,
+        "best_step": state.best_step,
+        "stopped_early": state.stopped_early,
+        "tokens_per_s": round(state.tokens / state.seconds, 1) if state.seconds else None,
+        "train_seconds": round(state.seconds, 3),
+        "peak_memory_bytes": state.peak_memory_bytes,
+        "num_processes": state.num_processes,
+        "device": state.device,
+        "options": asdict(options),
+        **state.extra,
+        "loss_curve": state.curve,
+        "weights": weights,
+    }
