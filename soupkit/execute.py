@@ -17,6 +17,7 @@ from soupkit.io.base_model import BaseModelInfo
 from soupkit.io.resolve import hub_name, hub_pin, lock_reference, resolve_reference
 from soupkit.io.writer import SafetensorsStreamWriter, atomic_output_dir, check_output_free, dtype_tag
 from soupkit.methods import LoraFactors, MergeContext, get_method
+from soupkit.methods.base import ModuleInputs, RunInputs
 from soupkit.ops import pad_rank
 from soupkit.plan import ModulePlan, Plan, build_plan
 from soupkit.recipe.schema import Recipe
@@ -77,6 +78,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_sources(inputs: Inputs, module: ModulePlan, device: torch.device) -> list[LoraFactors]:
+    """Each source's float32 factors on ``device``, scale folded into B and also kept as ``scale``."""
+    out = []
+    for source in module.sources:
+        adapter = inputs.adapters[source.adapter]
+        factors = adapter.load(module.path, device)
+        out.append(LoraFactors(A=factors.A, B=factors.B, scale=adapter.modules[module.path].scale))
+    return out
+
+
+def source_names(recipe: Recipe, module: ModulePlan) -> tuple[str, ...]:
+    return tuple(recipe.adapters[s.adapter].name for s in module.sources)
+
+
+def run_inputs(recipe: Recipe, plan: Plan, inputs: Inputs, device: torch.device) -> RunInputs:
+    """The lazy module stream a method's ``prepare`` pass may read (one module in memory at a time)."""
+
+    def modules() -> Iterator[ModuleInputs]:
+        for module in plan.modules:
+            if module.sources:
+                ctx = MergeContext(module.path, recipe.merge.rank, recipe.seed, device, None, source_names(recipe, module))
+                yield ModuleInputs(ctx, load_sources(inputs, module, device), [s.weight for s in module.sources])
+
+    return RunInputs(len(inputs.adapters), modules)
+
+
 def iter_merged(
     recipe: Recipe, plan: Plan, inputs: Inputs, device: torch.device, progress: bool = False
 ) -> Iterator[tuple[ModulePlan, LoraFactors, float | None]]:
@@ -85,6 +112,7 @@ def iter_merged(
     Memory: one module's inputs and output at a time.
     """
     method = get_method(recipe.merge.method)
+    state = method.prepare(recipe.merge.params, run_inputs(recipe, plan, inputs, device))
     layers = plan.layers
     if progress:
         from tqdm import tqdm
@@ -96,8 +124,8 @@ def iter_merged(
                 zeros = LoraFactors(A=torch.zeros(plan.rank, module.d_in), B=torch.zeros(module.d_out, plan.rank))
                 yield module, zeros, None
                 continue
-            factors = [inputs.adapters[s.adapter].load(module.path, device) for s in module.sources]
-            ctx = MergeContext(module.path, recipe.merge.rank, recipe.seed, device)
+            factors = load_sources(inputs, module, device)
+            ctx = MergeContext(module.path, recipe.merge.rank, recipe.seed, device, state, source_names(recipe, module))
             result = method.merge(factors, [s.weight for s in module.sources], recipe.merge.params, ctx)
             if not (torch.isfinite(result.factors.A).all() and torch.isfinite(result.factors.B).all()):
                 raise RuntimeError(f"method {method.name} produced non-finite values at {module.path}")

@@ -137,30 +137,46 @@ def frobenius_norm(f: LoraFactors) -> float:
 # --- tensors or stacks (n, d_out, d_in); outputs keep the input's device and dtype.
 
 
-def kth_largest(values: torch.Tensor, k: int) -> float:
-    """Exact k-th largest entry of ``values`` (any shape), 1 <= k <= numel.
+RADIX_HIGH = 1 << 15  # buckets of the high 16 bits of a finite non-negative float32 (sign bit 0)
+RADIX_LOW = 1 << 16
 
-    A strided sample brackets the answer, so only the bracket (a small slice) is selected
-    exactly; a full ``kthvalue`` (several times slower on CPU) is the fallback if the bracket misses.
+
+def radix_keys(magnitudes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 16 bits of non-negative float32 values, flattened.
+
+    For non-negative floats the bit pattern, read as an integer, orders like the value, so
+    counting high halves then low halves finds any order statistic exactly in two passes.
     """
-    flat = values.reshape(-1)
-    n = flat.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} outside 1..{n}")
-    if n <= 1 << 18:
-        return float(torch.kthvalue(flat, n - k + 1).values)
-    sample = flat[:: n // 65536].sort().values
-    m = sample.numel()
-    pos = (n - k) / n * m  # where the answer sits in the ascending sample
-    margin = 64 + 4 * int((m * (k / n) * (1 - k / n)) ** 0.5)
-    lo = sample[max(0, int(pos) - margin)]
-    hi = sample[min(m - 1, int(pos) + margin)]
-    above = int((flat > hi).sum())
-    inside = flat[(flat >= lo) & (flat <= hi)]
-    rank = k - above  # the answer is the rank-th largest inside the bracket
-    if 1 <= rank <= inside.numel():
-        return float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
-    return float(torch.kthvalue(flat, n - k + 1).values)
+    bits = magnitudes.float().contiguous().view(torch.int32).reshape(-1)
+    return bits >> 16, bits & 0xFFFF
+
+
+def select_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest entry (1-based) given ascending bucket counts.
+
+    Returns:
+        (bucket index, number of entries in the buckets above it).
+    """
+    from_top = counts.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor([k], device=counts.device, dtype=from_top.dtype))[0])
+    return counts.numel() - 1 - j, int(from_top[j - 1]) if j > 0 else 0
+
+
+def float_from_radix(high: int, low: int) -> float:
+    return float(torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32)[0])
+
+
+def kth_largest_magnitude(magnitudes: torch.Tensor, k: int) -> float:
+    """Exact k-th largest of non-negative finite values (any shape), 1 <= k <= numel.
+
+    Radix selection on the float bits: two ``bincount`` passes, no sort (O(n), works on GPU).
+    """
+    if not 1 <= k <= magnitudes.numel():
+        raise ValueError(f"k={k} outside 1..{magnitudes.numel()}")
+    high, low = radix_keys(magnitudes)
+    h, above = select_bucket(torch.bincount(high, minlength=RADIX_HIGH), k)
+    l, _ = select_bucket(torch.bincount(low[high == h], minlength=RADIX_LOW), k - above)
+    return float_from_radix(h, l)
 
 
 def top_fraction_threshold(magnitudes: torch.Tensor, density: float) -> float:
@@ -173,7 +189,7 @@ def top_fraction_threshold(magnitudes: torch.Tensor, density: float) -> float:
         return float("inf")
     if k >= magnitudes.numel():
         return 0.0
-    return kth_largest(magnitudes, k)
+    return kth_largest_magnitude(magnitudes, k)
 
 
 def trim_to_density(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
@@ -281,3 +297,38 @@ def best_rank_k(
     Vh = (U_c.T @ core) / S[:, None]  # rows of V^T: S^-1 U_c^T Q^T D
     U = Q.double() @ U_c
     return split_balanced(U.float(), S.float(), Vh.float()), min(1.0, float(S.square().sum()) / total)
+
+
+def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, max_iter: int = 100) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding from ``generator`` (CPU draws: device independent).
+
+    Args:
+        points: (N, D) float tensor, N >= k >= 1.
+    Returns:
+        (N,) cluster index of each point, every cluster non-empty.
+    """
+    n = points.shape[0]
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    nearest = (points - points[chosen[0]]).square().sum(dim=1)
+    while len(chosen) < k:
+        weights = nearest.double().cpu().clamp_min(0)
+        if float(weights.sum()) > 0:
+            idx = int(torch.multinomial(weights, 1, generator=generator))
+        else:  # every remaining point coincides with a centre: take the first unused one
+            idx = next(i for i in range(n) if i not in chosen)
+        chosen.append(idx)
+        nearest = torch.minimum(nearest, (points - points[idx]).square().sum(dim=1))
+    centres = points[chosen].clone()
+    assign = torch.full((n,), -1, dtype=torch.long, device=points.device)
+    for _ in range(max_iter):
+        dist = torch.cdist(points, centres).square()
+        new = dist.argmin(dim=1)
+        counts = torch.bincount(new, minlength=k)
+        for empty in (counts == 0).nonzero().flatten().tolist():  # re-seed with the worst-served point
+            far = int(dist.gather(1, new[:, None]).squeeze(1).argmax())
+            new[far] = empty
+        if torch.equal(new, assign):
+            break
+        assign = new
+        centres = torch.zeros_like(centres).index_add_(0, assign, points) / torch.bincount(assign, minlength=k)[:, None]
+    return assign

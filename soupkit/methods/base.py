@@ -9,9 +9,10 @@ It returns the merged update as factors. The executor owns reading, padding and 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -36,10 +37,13 @@ class LoraFactors:
     Attributes:
         A: (r, d_in) float tensor.
         B: (d_out, r) float tensor.
+        scale: the PEFT scale s already folded into B (1.0 for merged factors). Only the
+            factor-wise ``peft_*`` methods use it, to split s as PEFT does.
     """
 
     A: torch.Tensor
     B: torch.Tensor
+    scale: float = 1.0
 
     @property
     def rank(self) -> int:
@@ -55,12 +59,21 @@ class MergeContext:
         rank: the recipe's output rank budget (``merge.rank``), or None.
         seed: the recipe seed.
         device: where the maths runs.
+        state: what the method's ``prepare`` returned for this run (e.g. global thresholds), or None.
+        sources: recipe names of the adapters whose factors ``merge`` receives, aligned with them
+            (random methods salt their draws with these, so reordering adapters changes nothing).
     """
 
     module: str
     rank: int | None
     seed: int
     device: torch.device = torch.device("cpu")
+    state: Any = None
+    sources: tuple[str, ...] = ()
+
+    def source(self, j: int) -> str:
+        """Name of the j-th input (its position if names are unknown)."""
+        return self.sources[j] if j < len(self.sources) else f"#{j}"
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A generator seeded by (seed, module, salt): independent of order, threads and device."""
@@ -76,6 +89,23 @@ class MergeResult:
 
     factors: LoraFactors
     energy_kept: float | None = None
+
+
+@dataclass(frozen=True)
+class ModuleInputs:
+    """One module's inputs as ``prepare`` sees them (``ctx.sources`` names each factor's adapter)."""
+
+    ctx: MergeContext
+    factors: list[LoraFactors]
+    weights: list[float]
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """The whole run for ``MergeMethod.prepare``: adapter count and a re-iterable module stream."""
+
+    n_adapters: int
+    modules: Callable[[], Iterator[ModuleInputs]]
 
 
 class MergeMethod(ABC):
@@ -109,6 +139,15 @@ class MergeMethod(ABC):
         Args:
             input_ranks: per adapter, the ranks of its modules.
             params: validated parameters.
+        """
+        return None
+
+    def prepare(self, params: MethodParams, run: RunInputs) -> Any:
+        """Optional first pass over the whole run, before any module is merged (default: none).
+
+        Used by global-scope trimming, which needs a threshold over every module of each
+        adapter. ``run.modules()`` loads one module at a time, so memory stays bounded; it may
+        be iterated more than once. The return value reaches ``merge`` as ``ctx.state``.
         """
         return None
 

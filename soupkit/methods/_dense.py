@@ -1,0 +1,97 @@
+"""Shared machinery of the dense-delta methods (TIES, DARE, DELLA, breadcrumbs, magnitude prune).
+
+Per module: form each delta_i = s_i B_i A_i (d_out, d_in) densely, sparsify it (the method's own
+rule), weight it, combine (weighted sum, or TIES sign election + disjoint mean), scale by lambda,
+and write the full-rank result back as the best rank-k LoRA (``ops.best_rank_k``), k = the recipe's
+``merge.rank`` or, by default, the sum of the input ranks. The Frobenius energy kept is reported.
+
+Conventions (documented in README, ``## Methods``):
+- the sign election runs on the *weighted* sparsified deltas w_i * delta_i (as mergekit), so a
+  weight of 0 removes an adapter entirely and negating every weight negates the result;
+- the disjoint merge is the mean over agreeing entries (as the TIES paper and PEFT);
+- random draws come from ``ctx.generator`` salted with the adapter's recipe name.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import ConfigDict, Field
+
+from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
+from soupkit.ops import best_rank_k, dense_delta, disjoint_mean, elect_sign, uniform_like
+
+Density = Annotated[float, Field(gt=0.0, le=1.0, description="Fraction of entries kept, in (0, 1].")]
+SignRule = Literal["total", "frequency"]
+Scope = Literal["module", "global"]
+
+SIGN_DOC = "Sign election: 'total' = sign of the sum of values, 'frequency' = sign of the count of signs."
+SCOPE_DOC = "Top-k per module, or 'global' over each adapter's whole task vector (TIES/KnOTS as published)."
+
+
+class DenseParams(MethodParams):
+    """Parameters every dense method shares. ``lambda`` is spelled as in the papers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    lambda_: float = Field(1.0, alias="lambda", description="Scale of the merged update (TIES' lambda).")
+
+
+class DenseMethod(MergeMethod):
+    """Template for the dense-delta methods: subclasses define ``sparsify`` and ``combine``."""
+
+    space = "delta"
+    combine: Literal["sum", "ties"] = "sum"
+
+    def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
+        return budget if budget is not None else sum(input_ranks)
+
+    def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:
+        """The method's per-adapter rule on the dense delta of input j (default: keep all)."""
+        return delta
+
+    def global_fractions(self, params: Any) -> list[float] | None:
+        """Top fractions whose global thresholds ``prepare`` computes (None: module scope)."""
+        return None
+
+    def prepare(self, params: MethodParams, run: RunInputs) -> Any:
+        fractions = self.global_fractions(params)
+        if fractions is None:
+            return None
+        from soupkit.methods._global import global_thresholds
+
+        def magnitudes(mod: ModuleInputs) -> list[torch.Tensor]:
+            return [dense_delta(f).abs() for f in mod.factors]
+
+        return global_thresholds(run, magnitudes, fractions)
+
+    def merge(
+        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
+    ) -> MergeResult:
+        p: Any = params
+        kept = [w * self.sparsify(dense_delta(f), j, p, ctx) for j, (f, w) in enumerate(zip(factors, weights, strict=True))]
+        if self.combine == "ties":
+            stack = torch.stack(kept)
+            merged = disjoint_mean(stack, elect_sign(stack, p.majority_sign))
+            del stack
+        else:
+            merged = torch.stack(kept).sum(dim=0) if len(kept) > 1 else kept[0]
+        del kept
+        merged = merged * p.lambda_
+        rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
+        seed = int(ctx.generator("range-finder").initial_seed())
+        out, energy = best_rank_k(merged, rank, seed=seed)
+        return MergeResult(out, energy)
+
+
+def uniform_for(delta: torch.Tensor, j: int, ctx: MergeContext, salt: str) -> torch.Tensor:
+    """U[0,1) draws of delta's shape for input j, seeded by (seed, module, adapter name, salt)."""
+    return uniform_like(delta.shape, ctx.generator(f"{salt}|{ctx.source(j)}"), delta.device)
+
+
+def module_threshold(ctx: MergeContext, j: int, index: int = 0) -> float | None:
+    """The global threshold of input j computed by ``prepare`` (None under module scope)."""
+    if ctx.state is None:
+        return None
+    return ctx.state[ctx.source(j)][index]

@@ -1,0 +1,50 @@
+"""Model Breadcrumbs on the dense updates (Davari & Belilovsky, ECCV 2024, arXiv 2312.06795).
+
+For each delta_i: drop the largest ``gamma`` fraction of |.| (outliers) and the smallest entries,
+keeping the ``density`` fraction ranked just below the outliers (per module, or over the adapter's
+whole task vector with ``scope: global``). delta = lambda * sum_i w_i masked_i; best rank-k LoRA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+
+from soupkit.methods._dense import SCOPE_DOC, DenseMethod, DenseParams, Density, Scope, module_threshold
+from soupkit.methods.base import MergeContext
+from soupkit.methods.registry import register
+from soupkit.ops import band_mask, top_fraction_threshold
+
+
+class BreadcrumbsParams(DenseParams):
+    density: Density = 0.9
+    gamma: float = Field(0.01, ge=0.0, lt=1.0, description="Fraction of largest-|.| entries dropped as outliers.")
+    scope: Scope = Field("module", description=SCOPE_DOC)
+
+    @model_validator(mode="after")
+    def _fits(self) -> BreadcrumbsParams:
+        if self.gamma + self.density > 1.0 + 1e-12:
+            raise ValueError(f"gamma + density = {self.gamma + self.density:g} must be <= 1")
+        return self
+
+
+@register
+class Breadcrumbs(DenseMethod):
+    name = "breadcrumbs"
+    paper = "Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, arXiv 2312.06795)"
+    summary = "drop the top-gamma outliers and the small entries of each delta_i (keep density), weighted sum; best rank-k"
+    Params = BreadcrumbsParams
+    identity_params = {"density": 1.0, "gamma": 0.0}
+
+    def global_fractions(self, params: Any) -> list[float] | None:
+        return [params.gamma, params.gamma + params.density] if params.scope == "global" else None
+
+    def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:
+        mag = delta.abs()
+        high, low = module_threshold(ctx, j, 0), module_threshold(ctx, j, 1)
+        if high is None or low is None:
+            high = top_fraction_threshold(mag, params.gamma)
+            low = top_fraction_threshold(mag, params.gamma + params.density)
+        return torch.where(band_mask(mag, low, high), delta, torch.zeros_like(delta))

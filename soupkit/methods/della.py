@@ -1,0 +1,50 @@
+"""DELLA-merging: MagPrune drop, TIES election, disjoint mean (Deep, Bhardwaj, Poria 2024, arXiv 2406.11617).
+
+Per row of delta_i, entries ranked by |.| get keep probability p = (density - eps) + 2 eps * rn,
+rn = rank / (n - 1) in [0, 1] (larger entries are kept more often; the row mean is density).
+Kept entries are rescaled by 1/p (per entry: unbiased). Then sign election on w_i t_i, disjoint
+mean, x lambda. Seeded per (seed, module, adapter name). Best rank-k LoRA of the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+
+from soupkit.methods._dense import SIGN_DOC, DenseMethod, DenseParams, Density, SignRule, uniform_for
+from soupkit.methods.base import MergeContext
+from soupkit.methods.registry import register
+from soupkit.ops import della_keep_probability, drop_and_rescale
+
+
+class DellaParams(DenseParams):
+    density: Density = 0.5
+    epsilon: float = Field(0.05, ge=0.0, description="Half-width of the keep-probability range around density.")
+    majority_sign: SignRule = Field("total", description=SIGN_DOC)
+
+    @model_validator(mode="after")
+    def _probabilities_in_range(self) -> DellaParams:
+        if self.epsilon > min(self.density, 1.0 - self.density) + 1e-12:
+            raise ValueError(
+                f"epsilon {self.epsilon} must be <= min(density, 1 - density) = {min(self.density, 1 - self.density):g}, "
+                "so that every keep probability lies in [0, 1]"
+            )
+        return self
+
+
+@register
+class Della(DenseMethod):
+    name = "della"
+    paper = "DELLA-Merging (Deep, Bhardwaj, Poria 2024, arXiv 2406.11617)"
+    summary = "drop w.p. 1-p with p ranked by |.| in [density-eps, density+eps], rescale 1/p, TIES; best rank-k"
+    Params = DellaParams
+    identity_params = {"density": 1.0, "epsilon": 0.0}
+    combine = "ties"
+
+    def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:
+        if params.density >= 1.0:
+            return delta
+        keep = della_keep_probability(delta, params.density, params.epsilon)
+        return drop_and_rescale(delta, keep, uniform_for(delta, j, ctx, "della"))
