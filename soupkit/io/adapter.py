@@ -79,6 +79,26 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 FLOAT_TAGS = {"F16", "BF16", "F32", "F64"}
 
 
+def _check_config_types(where: str, config: object) -> None:
+    """The fields soupkit computes with must have the types PEFT writes (a bad file is a user error, not a crash)."""
+    if not isinstance(config, dict):
+        raise AdapterError(where, "a JSON object", type(config).__name__, "re-save the adapter with PEFT")
+    number = (int, float)
+    if "r" in config and (not isinstance(config["r"], int) or isinstance(config["r"], bool) or config["r"] < 1):
+        raise AdapterError(f"{where}: r", "an integer >= 1", repr(config["r"]), "fix r")
+    if "lora_alpha" in config and (not isinstance(config["lora_alpha"], number) or isinstance(config["lora_alpha"], bool)):
+        raise AdapterError(f"{where}: lora_alpha", "a number", repr(config["lora_alpha"]), "fix lora_alpha")
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict) or not all(isinstance(v, number) and not isinstance(v, bool) for v in patterns.values()):
+            raise AdapterError(f"{where}: {field}", "a mapping of module pattern -> number", repr(patterns)[:80], f"fix {field}")
+        for key in patterns:
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise AdapterError(f"{where}: {field}", "regular-expression keys", f"{key!r} ({err})", f"fix {field}") from None
+
+
 def _refuse_features(name: str, config: dict) -> None:
     """Refuse, with the reason, every config feature that a plain low-rank merge would get wrong."""
     where = f"adapter '{name}' adapter_config.json"
@@ -125,6 +145,7 @@ class LoraAdapter:
             self.config: dict = json.loads(config_path.read_text())
         except json.JSONDecodeError as err:
             raise AdapterError(str(config_path), "valid JSON", f"a parse error ({err.msg})", "fix or re-save the file") from None
+        _check_config_types(str(config_path), self.config)
         _refuse_features(name, self.config)
         index = TensorIndex.from_dir(directory, "adapter_model")
         if index is None:
@@ -178,7 +199,9 @@ class LoraAdapter:
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise UnsupportedAdapterError(where, "2-D factors (Linear or Embedding)", f"shapes {a_shape}, {b_shape}", "conv LoRAs are not supported")
         rank = a_shape[0]
-        if b_shape[1] != rank or rank == 0:
+        if rank == 0:
+            raise AdapterError(where, "rank >= 1", f"rank 0 (A of shape {a_shape})", "drop the module from the adapter or re-save it")
+        if b_shape[1] != rank:
             raise AdapterError(where, f"B of shape (d_out, {rank})", f"{b_shape}", "re-save the adapter")
         config_rank = pattern_value(self.config.get("rank_pattern") or {}, path, self.config.get("r", rank))
         if int(config_rank) != rank:
@@ -192,8 +215,10 @@ class LoraAdapter:
         spec = self.modules[path]
         A = self._read(spec.a_key).to(device=device, dtype=torch.float32)
         B = self._read(spec.b_key).to(device=device, dtype=torch.float32) * spec.scale
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise AdapterError(f"adapter '{self.name}' module {path}", "finite values", "NaN or Inf", "retrain or repair the adapter")
+        for key, tensor in ((spec.a_key, A), (spec.b_key, B)):
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise AdapterError(f"adapter '{self.name}' tensor {key}", "finite values", f"{bad} NaN or Inf entries", "retrain or repair the adapter")
         return LoraFactors(A=A, B=B)
 
     def _read(self, key: str) -> torch.Tensor:

@@ -45,6 +45,22 @@ class TensorInfo:
         return n
 
 
+def _valid_entry(entry: object) -> bool:
+    """One header entry as safetensors writes it: dtype tag, shape of ints, two ordered offsets."""
+    if not isinstance(entry, dict):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    return (
+        isinstance(entry.get("dtype"), str)
+        and isinstance(shape, list)
+        and all(isinstance(d, int) and d >= 0 for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    )
+
+
 def read_header(path: Path) -> dict:
     """Parse a safetensors header (8-byte little-endian length + JSON); user error if malformed."""
     size = path.stat().st_size
@@ -59,6 +75,8 @@ def read_header(path: Path) -> dict:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise SoupkitError(str(path), "a JSON safetensors header", "unreadable bytes", "re-save the file") from None
+    if not isinstance(header, dict) or not all(_valid_entry(v) for k, v in header.items() if k != "__metadata__"):
+        raise SoupkitError(str(path), "a safetensors header (dtype, shape, data_offsets per tensor)", "malformed entries", "re-save the file")
     data_bytes = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + data_bytes > size:
         raise SoupkitError(str(path), f"{8 + n + data_bytes} bytes", f"{size} (truncated)", "re-download the file")
@@ -90,8 +108,15 @@ class TensorIndex:
             return cls([single])
         index_file = directory / f"{stem}.safetensors.index.json"
         if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            return cls([directory / name for name in sorted(set(weight_map.values()))])
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                raise SoupkitError(str(index_file), "a JSON object with a weight_map", "something else", "re-download or re-save it") from None
+            missing = [n for n in names if not (directory / n).is_file()]
+            if missing:
+                raise SoupkitError(str(index_file), f"shard {missing[0]} beside it", "no such file", "download every shard")
+            return cls([directory / name for name in names])
         return None
 
     def __contains__(self, key: str) -> bool:

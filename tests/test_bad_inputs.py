@@ -1,0 +1,304 @@
+"""Bad inputs, table-driven, through the real CLI: exit 2, one line naming the problem, no traceback, nothing at OUT.
+
+Each case builds a broken input in a tmp dir (starting from examples/tiny) and returns the CLI
+arguments. Pickle and YAML cases also check that no code ran (their payload would create a file).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY, tiny_recipe
+from soupkit.cli import main
+
+WEIGHTS = "adapter_model.safetensors"
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+class Payload:
+    """A pickle whose loading would create the file ``PWNED`` (it must never be unpickled)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.marker, "w"))
+
+
+# ---- builders ------------------------------------------------------------------------------------
+
+
+def adapter_copy(d: Path, name: str = "math") -> Path:
+    dest = d / name
+    if not dest.exists():
+        shutil.copytree(TINY / "adapters" / name, dest)
+    return dest
+
+
+def edit_config(adapter: Path, **changes: object) -> None:
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def edit_tensors(adapter: Path, fn: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors = load_file(adapter / WEIGHTS)
+    fn(tensors)
+    save_file(tensors, adapter / WEIGHTS, metadata={"format": "pt"})
+
+
+def recipe_file(d: Path, data: object) -> Path:
+    path = d / "recipe.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def merge_args(d: Path, data: object) -> list[str]:
+    return ["merge", str(recipe_file(d, data)), "-o", str(d / "out"), "--quiet"]
+
+
+def with_math(d: Path, **merge: object) -> dict:
+    """The tiny recipe with its 'math' adapter replaced by a copy in ``d`` (edit it freely)."""
+    recipe = tiny_recipe("cat", **merge)
+    recipe["adapters"][0]["path"] = str(adapter_copy(d))
+    return recipe
+
+
+def broken_adapter(edit: Callable[[Path], None]) -> Callable[[Path], list[str]]:
+    """A case: copy 'math', apply ``edit`` to the copy, merge."""
+
+    def build(d: Path) -> list[str]:
+        recipe = with_math(d)
+        edit(adapter_copy(d))
+        return merge_args(d, recipe)
+
+    return build
+
+
+def recipe_case(change: Callable[[dict], object]) -> Callable[[Path], list[str]]:
+    """A case: the valid tiny recipe, edited in place by ``change``."""
+
+    def build(d: Path) -> list[str]:
+        recipe = tiny_recipe("cat")
+        change(recipe)
+        return merge_args(d, recipe)
+
+    return build
+
+
+def raw_weights(content: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    def edit(adapter: Path) -> None:
+        path = adapter / WEIGHTS
+        path.write_bytes(content(path.read_bytes()))
+
+    return edit
+
+
+def set_tensor(key: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Path], None]:
+    def edit(adapter: Path) -> None:
+        edit_tensors(adapter, lambda t: t.__setitem__(key, fn(t[key])))
+
+    return edit
+
+
+def pickle_only(adapter: Path) -> None:
+    (adapter / WEIGHTS).unlink()
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps(Payload(str(adapter.parent / "PWNED"))))
+
+
+def rename_layer(adapter: Path) -> None:
+    edit_tensors(adapter, lambda t: [t.__setitem__(k.replace("layers.0.", "layers.7."), t.pop(k)) for k in list(t) if "layers.0." in k])
+
+
+def broken_base(edit: Callable[[Path], None]) -> Callable[[Path], list[str]]:
+    def build(d: Path) -> list[str]:
+        base = d / "base"
+        shutil.copytree(TINY / "base", base)
+        edit(base)
+        recipe = tiny_recipe("cat")
+        recipe["base_model"] = str(base)
+        return merge_args(d, recipe)
+
+    return build
+
+
+def base_pickle_only(base: Path) -> None:
+    (base / "model.safetensors").unlink()
+    (base / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(str(base.parent / "PWNED"))))
+
+
+def different_bases(d: Path) -> list[str]:
+    recipe = with_math(d)
+    code = adapter_copy(d, "code")
+    recipe["adapters"][1]["path"] = str(code)
+    edit_config(adapter_copy(d), base_model_name_or_path="meta-llama/Llama-3.1-8B")
+    edit_config(code, base_model_name_or_path="meta-llama/Llama-3.1-8B-Instruct")
+    return merge_args(d, recipe)
+
+
+def hub_not_cached(d: Path) -> list[str]:
+    recipe = tiny_recipe("cat")
+    recipe["adapters"][1]["path"] = "some-org/not-downloaded@v1"
+    return merge_args(d, recipe)
+
+
+def python_tag(d: Path) -> list[str]:
+    marker = d / "PWNED"
+    return merge_args(d, f'base_model: !!python/object/apply:os.system ["touch {marker}"]\n')
+
+
+def real_dora(d: Path) -> list[str]:
+    """A DoRA adapter written by PEFT itself (lora_magnitude_vector tensors, use_dora: true)."""
+    from soupkit.testing import make_lora
+
+    make_lora(TINY / "base", d / "dora", seed=3, r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+    recipe = tiny_recipe("cat")
+    recipe["adapters"][0]["path"] = str(d / "dora")
+    return merge_args(d, recipe)
+
+
+def output_exists(d: Path) -> list[str]:
+    (d / "out").mkdir()
+    (d / "out" / "keep.txt").write_text("mine")
+    return merge_args(d, tiny_recipe("cat"))
+
+
+def density_case(d: Path) -> list[str]:
+    from soupkit.methods.registry import REGISTRY
+
+    method = next((m for m in ("ties", "dare_ties", "dare_linear") if m in REGISTRY), None)
+    if method is None:
+        pytest.skip("no method with a density parameter is registered yet")
+    return merge_args(d, tiny_recipe(method, density=1.5))
+
+
+# ---- the table -----------------------------------------------------------------------------------
+
+CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    # recipe files
+    ("yaml_syntax", lambda d: merge_args(d, "base_model: [unclosed\n"), "valid YAML"),
+    ("yaml_not_mapping", lambda d: merge_args(d, "- just\n- a list\n"), "a mapping with base_model"),
+    ("yaml_python_tag", python_tag, "valid YAML"),
+    ("recipe_missing", lambda d: ["merge", str(d / "nope.yaml"), "-o", str(d / "out")], "no such file"),
+    ("unknown_top_key", recipe_case(lambda r: r.update(adaptors=[])), "unknown key 'adaptors'"),
+    ("unknown_merge_key", recipe_case(lambda r: r["merge"].update(rnak=4)), "unknown key 'rnak' (did you mean 'rank'?)"),
+    ("unknown_adapter_key", recipe_case(lambda r: r["adapters"][0].update(wieght=1)), "unknown key 'wieght'"),
+    ("unknown_method", recipe_case(lambda r: r["merge"].update(method="catt")), "did you mean 'cat'"),
+    ("weight_wrong_type", recipe_case(lambda r: r["adapters"][0].update(weight="heavy")), "adapters.0.weight"),
+    ("weight_empty_list", recipe_case(lambda r: r["adapters"][0].update(weight=[])), "at least one value"),
+    ("missing_base_model", recipe_case(lambda r: r.pop("base_model")), "add 'base_model'"),
+    ("no_adapters", recipe_case(lambda r: r.update(adapters=[])), "adapters"),
+    ("duplicate_names", recipe_case(lambda r: r["adapters"][1].update(name="math")), "duplicate adapter name 'math'"),
+    ("rank_zero", recipe_case(lambda r: r["merge"].update(rank=0)), "merge.rank"),
+    ("bad_dtype", recipe_case(lambda r: r.update(dtype="float8")), "dtype"),
+    ("override_unknown_adapter", recipe_case(lambda r: r["merge"].update(modules=[{"match": "*", "weights": {"maths": 1}}])), "did you mean 'math'"),
+    ("cat_given_density", recipe_case(lambda r: r["merge"].update(density=0.5)), "unknown key 'density'"),
+    ("density_out_of_range", density_case, "density"),
+    # references
+    ("base_missing", recipe_case(lambda r: r.update(base_model="/nonexistent/base")), "an existing directory"),
+    ("adapter_missing", recipe_case(lambda r: r["adapters"][0].update(path="./no/such/adapter")), "an existing directory"),
+    ("hub_not_cached_offline", hub_not_cached, "HF_HUB_OFFLINE is set"),
+    ("output_exists", output_exists, "--overwrite"),
+    # adapter files
+    ("config_missing", broken_adapter(lambda a: (a / "adapter_config.json").unlink()), "no such file"),
+    ("config_bad_json", broken_adapter(lambda a: (a / "adapter_config.json").write_text("{r: 4,")), "valid JSON"),
+    ("config_r_string", broken_adapter(lambda a: edit_config(a, r="four")), "an integer >= 1"),
+    ("config_bad_pattern", broken_adapter(lambda a: edit_config(a, rank_pattern={"q_proj(": 2})), "regular-expression keys"),
+    ("config_r_disagrees", broken_adapter(lambda a: edit_config(a, r=16)), "rank 16 (from adapter_config.json)"),
+    ("pickle_only", broken_adapter(pickle_only), "pickles are never loaded"),
+    ("no_weights", broken_adapter(lambda a: (a / WEIGHTS).unlink()), "no weights"),
+    ("truncated_data", broken_adapter(raw_weights(lambda b: b[:-100])), "truncated"),
+    ("truncated_header", broken_adapter(raw_weights(lambda b: b[:5])), "a safetensors file"),
+    ("header_cut_short", broken_adapter(raw_weights(lambda b: b[:40])), "a complete safetensors header"),
+    ("header_not_json", broken_adapter(raw_weights(lambda b: struct.pack("<Q", 16) + b"\xff" * 16)), "a JSON safetensors header"),
+    ("header_bad_entries", broken_adapter(raw_weights(lambda b: struct.pack("<Q", 16) + b'{"x": {"a": 1}} ')), "malformed entries"),
+    ("nan_in_tensor", broken_adapter(set_tensor(Q_A, lambda t: t.index_fill(1, torch.tensor([3]), float("nan")))), "NaN or Inf"),
+    ("inf_in_tensor", broken_adapter(set_tensor(Q_B, lambda t: t.index_fill(0, torch.tensor([0]), float("inf")))), "NaN or Inf"),
+    ("shape_vs_base", broken_adapter(set_tensor(Q_A, lambda t: t[:, :32].contiguous())), "(64, 32)"),
+    ("rank_zero_tensors", broken_adapter(lambda a: edit_tensors(a, lambda t: t.update({Q_A: torch.zeros(0, 64), Q_B: torch.zeros(64, 0)}))), "rank 0"),
+    ("missing_lora_B", broken_adapter(lambda a: edit_tensors(a, lambda t: t.pop(Q_B))), "both lora_A and lora_B"),
+    ("int_tensor", broken_adapter(set_tensor(Q_A, lambda t: t.to(torch.int32))), "a float tensor"),
+    ("conv_lora", broken_adapter(set_tensor(Q_A, lambda t: t[:, :, None, None].contiguous())), "conv LoRAs are not supported"),
+    ("unknown_tensor", broken_adapter(lambda a: edit_tensors(a, lambda t: t.update({Q_A.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(64)}))), "another tensor"),
+    ("module_not_in_base", broken_adapter(rename_layer), "none in the base model"),
+    ("dora_config", broken_adapter(lambda a: edit_config(a, use_dora=True)), "use_dora: True (DoRA"),
+    ("dora_built_by_peft", real_dora, "DoRA"),
+    ("lora_bias", broken_adapter(lambda a: edit_config(a, lora_bias=True)), "lora_bias: True"),
+    ("modules_to_save", broken_adapter(lambda a: edit_config(a, modules_to_save=["lm_head"])), "modules_to_save"),
+    ("bias_all", broken_adapter(lambda a: edit_config(a, bias="all")), "bias: 'all'"),
+    ("pissa_init", broken_adapter(lambda a: edit_config(a, init_lora_weights="pissa")), "rewrites the base weights"),
+    ("not_lora", broken_adapter(lambda a: edit_config(a, peft_type="IA3")), "peft_type LORA"),
+    ("mismatched_base_models", different_bases, "adapters trained on one base model"),
+    # base model
+    ("base_config_bad_json", broken_base(lambda b: (b / "config.json").write_text("{")), "valid JSON"),
+    ("base_pickle_only", broken_base(base_pickle_only), "no safetensors weights"),
+    ("base_no_config", broken_base(lambda b: (b / "config.json").unlink()), "config.json"),
+    # verify
+    ("verify_no_lock", lambda d: ["verify", str(d / "out")], "no lock file"),
+]
+
+
+@pytest.mark.parametrize("name,build,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, build: Callable, fragment: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # empty: nothing is cached, nothing is fetched
+    args = build(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(main, args)
+    text = result.output
+    assert result.exit_code == 2, text
+    assert fragment in text, text
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert errors and all(len(line) < 600 for line in errors), text
+    if name == "output_exists":
+        assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    else:
+        assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp dirs left, no payload ran
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_table_is_large_enough() -> None:
+    assert len(CASES) >= 30
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+FORBIDDEN = {
+    "trust_remote_code": r"trust_remote_code\s*=\s*True",
+    "unpickling": r"\bpickle\.loads?\(|\btorch\.load\(|\bjoblib\.load\(",
+    "unsafe YAML": r"\byaml\.(unsafe_)?load\(|\bLoader\s*=",
+    "eval/exec": r"(?<![\w.])(eval|exec|compile|__import__)\(",
+    "shell": r"\bos\.system\(|\bsubprocess\b|\bos\.popen\(",
+}
+
+
+@pytest.mark.parametrize("what", list(FORBIDDEN))
+def test_no_code_execution_paths_in_the_package(what: str) -> None:
+    """No soupkit module can run code it reads: no remote code, pickles, unsafe YAML, eval or shell."""
+    import re
+
+    import soupkit
+
+    pattern = re.compile(FORBIDDEN[what])
+    hits = [
+        f"{path.name}:{i}: {line.strip()}"
+        for path in Path(soupkit.__file__).parent.rglob("*.py")
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line) and not line.lstrip().startswith("#")
+    ]
+    assert hits == [], hits
