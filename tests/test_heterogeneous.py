@@ -8,6 +8,7 @@ output is loaded by PEFT too, and must load with no missing keys and every file 
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -131,6 +132,9 @@ def test_single_variant_identity(tmp_path: Path, zoo: dict, name: str) -> None:
     base, adapter = zoo[name]
     out = merge(tmp_path, base, {name: 1.0}, zoo)
     check_output(base, out, peft_deltas(base, adapter))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == config["r"] and not config["use_rslora"] and not config["rank_pattern"] and not config["alpha_pattern"]
+    assert not config.get("layers_to_transform")  # the zeros written for other layers are exact
 
 
 def test_llama_union_of_all_variants(tmp_path: Path, zoo: dict) -> None:

@@ -61,7 +61,10 @@ class BaseModelInfo:
         key = self.weight_key(spec.path)
         where = f"adapter '{adapter.name}' tensor {spec.a_key}"
         if key is None:
-            raise AdapterError(where, f"a base tensor {spec.path}.weight", "none in the base model", "check that the adapter was trained on this base")
+            tied = " (lm_head tied to the input embeddings is not stored separately, so soupkit cannot target it)" if spec.path.endswith("lm_head") else ""
+            raise AdapterError(
+                where, f"a base tensor {spec.path}.weight", f"none in the base model{tied}", "check that the adapter was trained on this base"
+            )
         base_shape = self.index.infos[key].shape
         transposed = spec.kind == "embedding" or adapter.fan_in_fan_out
         expected = (spec.d_in, spec.d_out) if transposed else (spec.d_out, spec.d_in)
