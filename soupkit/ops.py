@@ -173,6 +173,9 @@ def kth_largest_magnitude(magnitudes: torch.Tensor, k: int) -> float:
     """
     if not 1 <= k <= magnitudes.numel():
         raise ValueError(f"k={k} outside 1..{magnitudes.numel()}")
+    if magnitudes.dtype == torch.float64:  # float32 bits would round the answer
+        flat = magnitudes.reshape(-1)
+        return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
     high, low = radix_keys(magnitudes)
     h, above = select_bucket(torch.bincount(high, minlength=RADIX_HIGH), k)
     l, _ = select_bucket(torch.bincount(low[high == h], minlength=RADIX_LOW), k - above)

@@ -65,16 +65,17 @@ class Knots(MergeMethod):
         from soupkit.methods._global import global_thresholds
 
         def magnitudes(mod: ModuleInputs) -> list[torch.Tensor]:
-            return [Z.float().abs() for Z in self._coordinates(mod.factors, p, mod.ctx)[1]]
+            return [Z.abs() for Z in self._coordinates(mod.factors, p, mod.ctx)[1]]
 
         return global_thresholds(run, magnitudes, [p.density])
 
     def _coordinates(self, factors: list[LoraFactors], p: Any, ctx: MergeContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """U and the (optionally DARE-dropped) Z_i, before trimming and weighting."""
-        U, Z = aligned_coordinates(factors)
+        U, Z64 = aligned_coordinates(factors)
+        Z = [z.float() for z in Z64]  # float32 from here: thresholds are exact on float32 bits
         if p.dare_density is not None and p.dare_density < 1.0:
             Z = [
-                drop_and_rescale(z, p.dare_density, uniform_like(z.shape, ctx.generator(f"dare|{ctx.source(j)}"), z.device).double())
+                drop_and_rescale(z, p.dare_density, uniform_like(z.shape, ctx.generator(f"dare|{ctx.source(j)}"), z.device))
                 for j, z in enumerate(Z)
             ]
         return U, Z
@@ -92,5 +93,5 @@ class Knots(MergeMethod):
         merged = disjoint_mean(stack, elect_sign(stack, p.majority_sign)) if p.merge_type == "ties" else stack.sum(dim=0)
         merged = merged * p.lambda_
         rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
-        out, kept = truncate_factors(LoraFactors(A=merged.float(), B=U.float()), rank)
+        out, kept = truncate_factors(LoraFactors(A=merged, B=U.float()), rank)
         return MergeResult(out, kept)
