@@ -114,6 +114,23 @@ def set_tensor(key: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable
     return edit
 
 
+def embedding_with_base_copy(copy_shape: tuple[int, int]) -> Callable[[Path], None]:
+    """Add an embedding LoRA plus PEFT's saved copy of the embedding, filled with values that differ from the base."""
+
+    def edit(adapter: Path) -> None:
+        prefix = "base_model.model.model.embed_tokens."
+        gen = torch.Generator().manual_seed(0)
+        extra = {
+            prefix + "lora_embedding_A": torch.randn(4, 100, generator=gen),
+            prefix + "lora_embedding_B": torch.randn(64, 4, generator=gen),
+            prefix + "base_layer.weight": torch.randn(*copy_shape, generator=gen),
+        }
+        edit_tensors(adapter, lambda t: t.update(extra))
+        edit_config(adapter, target_modules=["embed_tokens", "q_proj"])
+
+    return edit
+
+
 def pickle_only(adapter: Path) -> None:
     (adapter / WEIGHTS).unlink()
     (adapter / "adapter_model.bin").write_bytes(pickle.dumps(Payload(str(adapter.parent / "PWNED"))))
@@ -234,6 +251,8 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("conv_lora", broken_adapter(set_tensor(Q_A, lambda t: t[:, :, None, None].contiguous())), "conv LoRAs are not supported"),
     ("unknown_tensor", broken_adapter(lambda a: edit_tensors(a, lambda t: t.update({Q_A.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(64)}))), "another tensor"),
     ("module_not_in_base", broken_adapter(rename_layer), "none in the base model"),
+    ("embedding_copy_trained", broken_adapter(embedding_with_base_copy((100, 64))), "different values (trained or resized embeddings)"),
+    ("embedding_copy_resized", broken_adapter(embedding_with_base_copy((101, 64))), "(a resized vocabulary)"),
     ("dora_config", broken_adapter(lambda a: edit_config(a, use_dora=True)), "use_dora: True (DoRA"),
     ("dora_built_by_peft", real_dora, "DoRA"),
     ("lora_bias", broken_adapter(lambda a: edit_config(a, lora_bias=True)), "lora_bias: True"),

@@ -142,3 +142,20 @@ def test_sigkill_leaves_no_half_output_and_rerun_is_identical(killed: dict, name
     cli_merge(killed["recipe"], out, overwrite=True)
     assert snapshot(out) == killed["new"]
     assert leftovers(parent) == []
+
+
+def test_recovery_leaves_live_runs_alone(tmp_path: Path) -> None:
+    """A temporary directory of a live process (another merge still running) is not touched; a dead one's is removed."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for pid in (live.pid, dead.pid):
+            (tmp_path / f".out.soupkit-tmp-{pid}").mkdir()
+            (tmp_path / f".out.soupkit-tmp-{pid}" / "adapter_model.safetensors").write_bytes(b"partial")
+        recover_stale(tmp_path / "out")
+        assert leftovers(tmp_path) == [f".out.soupkit-tmp-{live.pid}"]
+        assert not (tmp_path / "out").exists()
+    finally:
+        live.kill()
+        live.wait()

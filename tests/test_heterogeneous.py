@@ -35,6 +35,7 @@ LLAMA_VARIANTS: dict[str, dict] = {
     ),
     "rslora": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], rank_pattern={"o_proj": 4}),
     "layers": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    "layers0": dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[0], layers_pattern="layers"),
     "embed": dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "k_proj"]),
     "bf16": dict(r=6, lora_alpha=12, target_modules=["v_proj", "up_proj"]),
 }
@@ -145,6 +146,22 @@ def test_llama_union_of_all_variants(tmp_path: Path, zoo: dict) -> None:
     for name, w in weights.items():
         for path, delta in peft_deltas(*zoo[name]).items():
             want[path] = want.get(path, torch.zeros_like(delta)) + w * delta
+    check_output(TINY / "base", out, want)
+
+
+def test_layer_covered_only_by_the_later_adapter_is_kept(tmp_path: Path, zoo: dict) -> None:
+    """layers_to_transform [0] then [1]: both layers are merged.
+
+    (PEFT 0.21.2's add_weighted_adapter raises "No matching LoRAs found" on this pair: the merged
+    config inherits adapters[0]'s layers_to_transform.)
+    """
+    weights = {"layers0": 0.5, "layers": 2.0}
+    out = merge(tmp_path, TINY / "base", weights, zoo)
+    want: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        for path, delta in peft_deltas(*zoo[name]).items():
+            want[path] = want.get(path, torch.zeros_like(delta)) + w * delta
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.o_proj"} <= set(want)
     check_output(TINY / "base", out, want)
 
 
