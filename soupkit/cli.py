@@ -140,6 +140,7 @@ def inspect(adapter: Path) -> None:
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True, help="Evaluations without improvement before stopping.")
 @click.option("--search", type=click.Choice(["gradient", "lorahub"]), default="gradient", show_default=True)
 @click.option("--budget", type=click.IntRange(min=1), default=40, show_default=True, help="lorahub: loss evaluations.")
+@click.option("--lorahub-examples", type=click.IntRange(min=1), default=5, show_default=True, help="lorahub: calibration examples scored.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="auto: bf16 on GPU.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing fitted recipe / report directory.")

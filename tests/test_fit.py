@@ -190,6 +190,30 @@ def test_accumulation_splits_give_the_same_weights(tmp_path: Path) -> None:
             assert weights[1][path][adapter] == pytest.approx(value, abs=1e-5)
 
 
+def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_path: Path) -> None:
+    """Data parallel on CPU (torchrun, gloo): 2 processes x batch 4 == 1 process x batch 4 x accum 2."""
+    import os
+    import subprocess
+    import sys
+
+    texts = sample_text(28, 30, temperature=0.3, seed=3)
+    train = write_jsonl(tmp_path / "calib.jsonl", [{"text": t[: 12 + i]} for i, t in enumerate(texts[:20])])  # unequal lengths
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in texts[20:]])
+    recipe = write_recipe(tmp_path, tiny_recipe("cat"))
+    args = ["fit-alpha", str(recipe), "--data", str(train), "--eval-data", str(heldout), "--steps", "4", "--batch-size", "4", "--lr", "0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "soupkit"]
+    subprocess.run([*launch, *args, "-o", str(tmp_path / "two.yaml")], check=True, env=env, capture_output=True)
+    result = CliRunner().invoke(main, [*args, "--grad-accum", "2", "-o", str(tmp_path / "one.yaml")])
+    assert result.exit_code == 0, result.output
+    one, two = (json.loads((tmp_path / f"{n}-report" / "fit_report.json").read_text()) for n in ("one", "two"))
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert any(abs(w - 0.5) > 1e-2 for m in one["weights"].values() for w in m.values())  # the weights moved
+    for path, w in one["weights"].items():
+        for adapter, value in w.items():
+            assert two["weights"][path][adapter] == pytest.approx(value, abs=1e-5)
+
+
 def test_cma_es_finds_interior_and_box_edge_minima() -> None:
     interior = np.array([0.7, -0.3])
     best, value, history = cma_es(lambda x: float(((x - interior) ** 2).sum()), np.zeros(2), 0.5, -1.5, 1.5, 200, seed=0)

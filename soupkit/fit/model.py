@@ -8,6 +8,8 @@ with R = sum_i r_i and ``w_rank`` (R,) the adapter weights repeated over each ad
 equals ``sum_i w_i B_i A_i x`` exactly (CAT), costs two thin matmuls, and keeps for backward only
 ``A_cat x`` (tokens x R) per module: one path per adapter that scales each adapter's output
 (d_out wide) must keep n outputs of d_out per module instead. Only the weight logits train.
+While fitting, each target Linear is swapped for a ``CatLinear`` (catlinear.py: base and path fused
+in one autograd Function); ``detach_paths`` puts the originals back.
 
 Parametrisation (``constraint``): ``softmax`` -- per module, w = softmax of the logits of the
 adapters present (LoRA Soups' convex combination; a module with one adapter gets weight 1);
@@ -18,6 +20,7 @@ adapters present (LoRA Soups' convex combination; a module with one adapter gets
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soupkit.errors import SoupkitError
+from soupkit.fit.catlinear import CatLinear
 from soupkit.fit.data import IGNORE
 from soupkit.recipe.schema import Recipe
 
@@ -55,11 +59,6 @@ class LowRankPath(nn.Module):
         self.register_buffer("A", A, persistent=False)
         self.register_buffer("B", B, persistent=False)
         self.start, self.end = start, start + A.shape[0]  # this module's slice of the flat rank weights
-
-    def forward(self, x: torch.Tensor, w_rank: torch.Tensor) -> torch.Tensor:
-        """x (..., d_in), w_rank (R,) -> the update (..., d_out)."""
-        u = F.linear(x, self.A)
-        return F.linear(u * w_rank.to(u.dtype), self.B)
 
 
 def group_ids(targets: list[TargetModule], granularity: Granularity) -> list[int]:
@@ -113,17 +112,16 @@ class CatFitModel(nn.Module):
         self.register_buffer("rank_index", torch.tensor(rank_index), persistent=False)
         self.fixed: torch.Tensor | None = None  # (M, n) weights that bypass the logits (evaluation, search)
         self._w_rank: torch.Tensor | None = None
-        self._hooks = [
-            base.get_submodule(t.path).register_forward_hook(self._hook_for(path)) for t, path in zip(targets, self.paths, strict=True)
-        ]
+        self._originals: dict[str, nn.Linear] = {}
+        self.attach_paths()
 
-    def _hook_for(self, path: LowRankPath):  # noqa: ANN202 - a forward hook
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def _w_rank_of(self, path: LowRankPath) -> Callable[[], torch.Tensor]:
+        def w_rank() -> torch.Tensor:
             if self._w_rank is None:
                 raise RuntimeError("call CatFitModel.forward, not the base model, while the paths are attached")
-            return output + path(args[0], self._w_rank[path.start : path.end])
+            return self._w_rank[path.start : path.end]
 
-        return hook
+        return w_rank
 
     def weights(self) -> torch.Tensor:
         """Per-module adapter weights (M, n): 0 where an adapter is absent; differentiable in the logits."""
@@ -174,11 +172,24 @@ class CatFitModel(nn.Module):
         loss = F.cross_entropy(scores, targets.flatten(), ignore_index=IGNORE, reduction="sum")
         return loss, (targets != IGNORE).sum()
 
+    def attach_paths(self) -> None:
+        """Put a CatLinear in place of each target Linear (done at construction; again after detach)."""
+        if self._originals:
+            return
+        for target, path in zip(self.targets, self.paths, strict=True):
+            parent_name, _, leaf = target.path.rpartition(".")
+            parent, linear = self.base.get_submodule(parent_name), self.base.get_submodule(target.path)
+            if not isinstance(linear, nn.Linear):
+                raise SoupkitError(target.path, "an nn.Linear in the loaded base", type(linear).__name__, "fit-alpha supports Linear targets only")
+            self._originals[target.path] = linear
+            setattr(parent, leaf, CatLinear(linear, path, self._w_rank_of(path)))
+
     def detach_paths(self) -> None:
-        """Remove the hooks: the base model is plain again."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        """Put the original Linears back: the base model is plain again."""
+        for path, linear in self._originals.items():
+            parent_name, _, leaf = path.rpartition(".")
+            setattr(self.base.get_submodule(parent_name), leaf, linear)
+        self._originals = {}
 
 
 def build_fit_model(
@@ -214,3 +225,4 @@ def build_fit_model(
     base.eval()  # no dropout: the loss is a deterministic function of the weights
     model = CatFitModel(base, targets, factors, n, granularity, constraint).to(device)
     return model, recipe_weights
+
