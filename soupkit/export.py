@@ -13,15 +13,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import chain, groupby
+from operator import itemgetter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from queue import Full, Queue
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from soupkit.errors import SoupkitError
 from soupkit.io.base_model import BaseModelInfo, layer_of
-from soupkit.io.sharded import ShardedWriter, TensorSpec, read_range, tensor_ranges
+from soupkit.io.sharded import ByteRange, ShardedWriter, TensorSpec, read_range, tensor_ranges
 from soupkit.io.tensor_index import DTYPES
 from soupkit.methods import LoraFactors
 from soupkit.plan import ModulePlan, Plan
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
     from soupkit.execute import Inputs, RunOptions
     from soupkit.recipe.schema import Recipe
 
+T = TypeVar("T")
+QUEUE_DEPTH = 2  # row blocks computed ahead of the writer
 BLOCK_ELEMENTS = 8 * 1024 * 1024  # rows per block are chosen so a float32 block is ~32 MB
 ITEMSIZE = {dt: size for dt, size in DTYPES.values()}  # torch dtype -> bytes per element
 COPIED_FILES = (
@@ -46,29 +53,67 @@ COPIED_FILES = (
 )
 
 
-def delta_rows(factors: LoraFactors, lo: int, hi: int, transposed: bool) -> torch.Tensor:
-    """Rows ``lo:hi`` of the update as stored in the base weight, in float32.
+def add_delta_rows_(rows: torch.Tensor, factors: LoraFactors, lo: int, hi: int, transposed: bool) -> torch.Tensor:
+    """Add rows ``lo:hi`` of the update, as stored in the base weight, to ``rows`` (float32) in place.
 
     A is (r, d_in), B is (d_out, r), delta = B @ A is (d_out, d_in). A Linear stores (d_out, d_in);
     a GPT-2 Conv1D (fan_in_fan_out) and an Embedding store (d_in, d_out), i.e. delta transposed,
-    whose rows are ``A[:, lo:hi].T @ B.T``.
+    whose rows are ``A[:, lo:hi].T @ B.T``. ``addmm_`` never allocates the delta block.
     """
     if transposed:
-        return factors.A[:, lo:hi].T @ factors.B.T
-    return factors.B[lo:hi] @ factors.A
+        return rows.addmm_(factors.A[:, lo:hi].T, factors.B.T)
+    return rows.addmm_(factors.B[lo:hi], factors.A)
 
 
-def merged_blocks(fd: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...], factors: LoraFactors, transposed: bool) -> Iterator[torch.Tensor]:
+class BlockBuffers:
+    """Reused buffers for row blocks: fresh 32 MB allocations cost page faults on every block.
+
+    One read buffer and one float32 work buffer (on the maths device), and a ring of output
+    buffers: a block handed to the writer thread must stay intact until written, and at most
+    ``ring`` blocks are alive at once (queued + being written + being filled).
+    """
+
+    def __init__(self, device: torch.device, ring: int) -> None:
+        self.device, self.ring = device, ring
+        self._read = torch.empty(0, dtype=torch.uint8)
+        self._work = torch.empty(0, dtype=torch.float32, device=device)
+        self._out = [torch.empty(0, dtype=torch.uint8) for _ in range(ring)]
+        self._next = 0
+
+    @staticmethod
+    def _at_least(buf: torch.Tensor, n: int) -> torch.Tensor:
+        return buf if buf.numel() >= n else torch.empty(n, dtype=buf.dtype, device=buf.device)
+
+    def read(self, nbytes: int) -> torch.Tensor:
+        self._read = self._at_least(self._read, nbytes)
+        return self._read[:nbytes]
+
+    def work(self, n: int) -> torch.Tensor:
+        self._work = self._at_least(self._work, n)
+        return self._work[:n]
+
+    def out(self, nbytes: int) -> torch.Tensor:
+        i = self._next
+        self._next = (i + 1) % self.ring
+        self._out[i] = self._at_least(self._out[i], nbytes)
+        return self._out[i][:nbytes]
+
+
+def merged_blocks(
+    fd: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...], factors: LoraFactors, transposed: bool, buffers: BlockBuffers
+) -> Iterator[torch.Tensor]:
     """Yield the merged weight in row blocks: base rows read from ``fd`` + delta rows, cast back to ``dtype``."""
     rows, cols = shape
     itemsize = ITEMSIZE[dtype]
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
-    device = factors.A.device
     for lo in range(0, rows, step):
         hi = min(rows, lo + step)
-        base = read_range(fd, offset + lo * cols * itemsize, (hi - lo) * cols * itemsize).view(dtype).reshape(hi - lo, cols)
-        merged = base.to(device=device, dtype=torch.float32) + delta_rows(factors, lo, hi, transposed)
-        yield merged.to(dtype)
+        n = (hi - lo) * cols
+        base = read_range(fd, offset + lo * cols * itemsize, n * itemsize, buffers.read(n * itemsize))
+        work = buffers.work(n).view(hi - lo, cols).copy_(base.view(dtype).view(hi - lo, cols))
+        add_delta_rows_(work, factors, lo, hi, transposed)
+        out = buffers.out(n * itemsize).view(dtype).view(hi - lo, cols)
+        yield out.copy_(work)  # the cast back to the base dtype
 
 
 def output_order(keys: list[str], ranges: dict) -> list[str]:
@@ -122,6 +167,95 @@ def copy_side_files(base: BaseModelInfo, tmp: Path, untie: bool) -> None:
             shutil.copyfile(base.directory / name, tmp / name)
 
 
+def fold_stream(
+    order: list[str], specs: dict[str, TensorSpec], ranges: dict[str, ByteRange], targets: dict[str, ModulePlan],
+    merged: Iterator[tuple[ModulePlan, LoraFactors, float | None]], fan_in_fan_out: bool, energy: dict[str, float],
+    buffers: BlockBuffers,
+) -> Iterator[tuple[str, ByteRange | torch.Tensor]]:
+    """Every output tensor in ``order``: (key, ByteRange) to copy, or (key, row block) parts to write.
+
+    ``merged`` yields modules in the same layer order, so at most one layer's factors wait here.
+    """
+    pending: dict[str, LoraFactors] = {}
+    fds: dict[Path, int] = {}
+    try:
+        for key in order:
+            module = targets.get(key)
+            if module is None:
+                yield key, ranges[key]
+                continue
+            while module.path not in pending:
+                got, factors, kept = next(merged)
+                if got.sources:
+                    pending[got.path] = factors
+                if kept is not None:
+                    energy[got.path] = round(kept, 6)
+            where = ranges[key]
+            fd = fds.get(where.file) or fds.setdefault(where.file, os.open(where.file, os.O_RDONLY))
+            tag, shape = specs[key]
+            transposed = module.kind == "embedding" or fan_in_fan_out
+            factors = pending.pop(module.path)
+            for block in merged_blocks(fd, where.offset, DTYPES[tag][0], shape, factors, transposed, buffers):
+                yield key, block
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def in_background(items: Iterator[T], depth: int) -> Iterator[T]:
+    """Run ``items`` in a worker thread, ``depth`` ahead: maths and reads overlap the consumer's writes.
+
+    torch ops and file I/O release the GIL, so on two cores the merge hides behind the disk.
+    An exception in the worker is re-raised here; stopping early stops the worker.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        queue.put(item, timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    return
+            queue.put(done)
+        except BaseException as err:  # handed to the consumer, which raises it
+            queue.put(err)
+        finally:
+            getattr(items, "close", lambda: None)()  # release the producer's open files now
+
+    worker = threading.Thread(target=work, name="soupkit-export", daemon=True)
+    worker.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+@contextmanager
+def maths_threads(n: int) -> Iterator[None]:
+    """Use ``n`` intra-op torch threads inside the block, then restore the previous count.
+
+    The export already runs two busy threads (maths and writes); torch's own pool on top of them
+    oversubscribes small machines, where each small op then waits for a descheduled thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def export_model(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Path, options: RunOptions) -> dict[str, float]:
     """Write the base with every merged update folded in to ``tmp`` (renamed to ``out`` later).
 
@@ -131,40 +265,24 @@ def export_model(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pat
 
     base = inputs.base
     ranges = tensor_ranges(base.index.files)
-    tied = tied_output_key(base, plan)
-    if tied and tied[1] not in ranges:
-        ranges[tied[1]] = ranges[tied[0]]  # the untied head starts as a copy of the base embedding
-    order = output_order(list(ranges), ranges)
     infos = dict(base.index.infos)
-    if tied:
-        infos.setdefault(tied[1], infos[tied[0]])
+    tied = tied_output_key(base, plan)
+    if tied and tied[1] not in ranges:  # the untied head is a copy of the base embedding
+        ranges[tied[1]], infos[tied[1]] = ranges[tied[0]], infos[tied[0]]
+    order = output_order(list(ranges), ranges)
     specs: dict[str, TensorSpec] = {key: (infos[key].dtype, infos[key].shape) for key in order}
     targets = {f"{m.path}.weight": m for m in plan.modules if m.sources}
-    merged = iter_merged(recipe, plan, inputs, resolve_device(options.device), options.progress)
-    pending: dict[str, tuple[ModulePlan, LoraFactors]] = {}
+    device = resolve_device(options.device)
+    merged = iter_merged(recipe, plan, inputs, device, options.progress)
     energy: dict[str, float] = {}
-    fds: dict[Path, int] = {}
-    try:
-        with ShardedWriter(tmp, specs, options.shard_bytes, {"format": "pt"}) as writer:
-            for key in order:
-                module = targets.get(key)
-                if module is None or (tied and key == tied[1]):
-                    writer.copy_range(key, ranges[key])
-                    continue
-                while module.path not in pending:  # the plan yields modules in this same layer order
-                    got, factors, kept = next(merged)
-                    if got.sources:
-                        pending[got.path] = (got, factors)
-                    if kept is not None:
-                        energy[got.path] = round(kept, 6)
-                _, factors = pending.pop(module.path)
-                where = ranges[key]
-                fd = fds.get(where.file) or fds.setdefault(where.file, os.open(where.file, os.O_RDONLY))
-                tag, shape = specs[key]
-                transposed = module.kind == "embedding" or plan.fan_in_fan_out
-                writer.write_parts(key, merged_blocks(fd, where.offset, DTYPES[tag][0], shape, factors, transposed))
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    buffers = BlockBuffers(device, ring=QUEUE_DEPTH + 3)  # queued + held by groupby + being written + being filled
+    stream = in_background(fold_stream(order, specs, ranges, targets, merged, plan.fan_in_fan_out, energy, buffers), QUEUE_DEPTH)
+    with maths_threads(max(1, (os.cpu_count() or 2) - 1)), ShardedWriter(tmp, specs, options.shard_bytes, {"format": "pt"}) as writer:
+        for key, group in groupby(stream, key=itemgetter(0)):
+            first = next(group)[1]
+            if isinstance(first, ByteRange):
+                writer.copy_range(key, first)
+            else:
+                writer.write_parts(key, chain([first], (block for _, block in group)))  # type: ignore[misc]
     copy_side_files(base, tmp, untie=tied is not None)
     return energy

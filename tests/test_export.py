@@ -126,8 +126,10 @@ def test_bf16_base_within_bf16_rounding(tmp_path: Path, bf16_fixture: tuple[Path
     torch.testing.assert_close(logits(got), logits(reference), rtol=0.02, atol=0.05)
 
 
-def test_multi_shard_base_round_trips_and_keeps_bytes(tmp_path: Path) -> None:
+def test_multi_shard_base_round_trips_and_keeps_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from soupkit.testing import make_base, make_lora
+
+    monkeypatch.setattr("soupkit.export.BLOCK_ELEMENTS", 300)  # many row blocks per tensor: the buffer ring is reused
 
     sharded = make_base(tmp_path / "sharded", seed=0, max_shard_size="40KB")
     assert (sharded / "model.safetensors.index.json").is_file()
@@ -147,10 +149,12 @@ def test_multi_shard_base_round_trips_and_keeps_bytes(tmp_path: Path) -> None:
     torch.testing.assert_close(logits(load(out)), logits(reference), rtol=0, atol=1e-5)
 
 
-def test_gpt2_fan_in_fan_out_equals_peft(tmp_path: Path) -> None:
+def test_gpt2_fan_in_fan_out_equals_peft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import GPT2Config
 
     from soupkit.testing import make_base, make_lora
+
+    monkeypatch.setattr("soupkit.export.BLOCK_ELEMENTS", 200)  # transposed rows split over several blocks
 
     config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2)
     base = make_base(tmp_path / "gpt2", seed=5, config=config)

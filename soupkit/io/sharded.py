@@ -99,10 +99,12 @@ def tensor_ranges(files: Iterable[Path]) -> dict[str, ByteRange]:
     return out
 
 
-def read_range(fd: int, offset: int, nbytes: int) -> torch.Tensor:
-    """Read ``nbytes`` at ``offset`` of an open file into a new uint8 tensor (no mmap, so the
-    pages read count towards the page cache, not this process's resident memory)."""
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+def read_range(fd: int, offset: int, nbytes: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read ``nbytes`` at ``offset`` of an open file into ``out`` (uint8, CPU) or a new tensor.
+
+    Plain reads, not mmap: the pages read belong to the page cache, not to this process's RSS.
+    """
+    buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
     view = memoryview(buf.numpy())
     done = 0
     while done < nbytes:
