@@ -26,7 +26,8 @@ def human_bytes(n: float) -> str:
 def param_lines(params: type[BaseModel]) -> list[str]:
     """One line per parameter: name, type, default, description."""
     lines = []
-    for name, info in params.model_fields.items():
+    for field, info in params.model_fields.items():
+        name = info.alias or field  # e.g. ``lambda``, a Python keyword, is the alias of ``lambda_``
         default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
         kind = getattr(info.annotation, "__name__", str(info.annotation))
         lines.append(f"{name} ({kind}, {default}): {info.description or ''}".rstrip(": "))

@@ -333,5 +333,6 @@ def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, max_iter: i
         if torch.equal(new, assign):
             break
         assign = new
-        centres = torch.zeros_like(centres).index_add_(0, assign, points) / torch.bincount(assign, minlength=k)[:, None]
+        member = torch.nn.functional.one_hot(assign, k).T.to(points.dtype)  # (k, N)
+        centres = (member @ points) / member.sum(dim=1, keepdim=True)
     return assign

@@ -6,6 +6,8 @@ tests/test_methods_*.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -89,3 +91,21 @@ def test_every_method_is_documented() -> None:
         module = __import__(type(method).__module__, fromlist=["_"])
         assert module.__doc__ and len(module.__doc__) > 80, f"{name}: module docstring with the formula"
         assert method.paper and method.summary
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_method_has_a_commented_recipe_that_runs(name: str, tmp_path: Path) -> None:
+    from soupkit.execute import RunOptions, merge_recipe
+    from soupkit.recipe import load_recipe
+
+    path = RECIPES / f"{name}.yaml"
+    assert path.is_file(), f"recipes/{name}.yaml is missing"
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(f"soupkit merge recipes/{name}.yaml" in line for line in header), "header must give the command"
+    recipe = load_recipe(path)
+    assert recipe.merge.method == name
+    report = merge_recipe(recipe, tmp_path / "out", RunOptions(progress=False))
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file() and report.plan.rank > 0

@@ -75,12 +75,13 @@ class Lego(MergeMethod):
             return MergeResult(LoraFactors(A=a.new_zeros(0, d_in).float(), B=b.new_zeros(d_out, 0).float()))
         points = torch.cat([b, a], dim=1)
         assign = kmeans(points, k, ctx.generator("lego-kmeans"), p.max_iter)
-        sizes = torch.bincount(assign, minlength=k).to(points.dtype)[:, None]
-        centres = torch.zeros(k, points.shape[1], dtype=points.dtype, device=points.device).index_add_(0, assign, points) / sizes
+        member = torch.nn.functional.one_hot(assign, k).T.to(points.dtype)  # (k, N) cluster membership
+        sizes = member.sum(dim=1)
+        centres = (member @ points) / sizes[:, None]
         if p.parameter_reweighting:
-            mean_norm = torch.zeros(k, dtype=points.dtype, device=points.device).index_add_(0, assign, points.norm(dim=1))
+            mean_norm = (member @ points.norm(dim=1)) / sizes
             norms = centres.norm(dim=1)
-            ratio = torch.where(norms > 0, mean_norm / sizes[:, 0] / norms.clamp_min(1e-300), torch.ones_like(norms))
+            ratio = torch.where(norms > 0, mean_norm / norms.clamp_min(1e-300), torch.ones_like(norms))
             centres = centres * ratio[:, None]
         merged = LoraFactors(A=centres[:, d_out:].float(), B=centres[:, :d_out].T.float())
         if p.output_reweighting:
