@@ -37,16 +37,28 @@ def fsync_tree(directory: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def job_copy(base: Path, adapters: list[Path], out: Path) -> None:
+def job_copy(base: Path, adapters: list[Path], out: Path) -> dict:
     out.mkdir(parents=True)
     for f in base.iterdir():
         shutil.copyfile(f, out / f.name)
     fsync_tree(out)
+    return {}
 
 
-def job_soupkit(base: Path, adapters: list[Path], out: Path) -> None:
+def job_soupkit(base: Path, adapters: list[Path], out: Path, device: str = "cpu") -> dict:
+    import soupkit.execute
     from soupkit.execute import RunOptions, merge_recipe
     from soupkit.recipe import Recipe
+
+    sidecars = soupkit.execute.write_sidecars
+    spent = {"lock_seconds": 0.0}
+
+    def timed_sidecars(*args: object) -> None:  # the lock file hashes every input and output byte
+        start = time.perf_counter()
+        sidecars(*args)  # type: ignore[arg-type]
+        spent["lock_seconds"] += time.perf_counter() - start
+
+    soupkit.execute.write_sidecars = timed_sidecars  # type: ignore[assignment]
 
     recipe = {
         "base_model": str(base),
@@ -55,10 +67,11 @@ def job_soupkit(base: Path, adapters: list[Path], out: Path) -> None:
         "output": "model",
         "dtype": "bfloat16",
     }
-    merge_recipe(Recipe.from_dict(recipe, out.parent), out, RunOptions(progress=False))
+    merge_recipe(Recipe.from_dict(recipe, out.parent), out, RunOptions(device=device, progress=False))
+    return spent
 
 
-def job_peft(base: Path, adapters: list[Path], out: Path) -> None:
+def job_peft(base: Path, adapters: list[Path], out: Path) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -71,12 +84,13 @@ def job_peft(base: Path, adapters: list[Path], out: Path) -> None:
     merged = model.merge_and_unload(adapter_names=names)  # both adapters at weight 1: the cat result
     merged.save_pretrained(out)
     fsync_tree(out)
+    return {}
 
 
 JOBS = {"copy": job_copy, "soupkit": job_soupkit, "peft": job_peft}
 
 
-def child(job: str, base: Path, adapters: list[Path], out: Path) -> None:
+def child(job: str, base: Path, adapters: list[Path], out: Path, device: str) -> None:
     """Run one job in this process and print {seconds, peak_rss_mb} as the last line."""
     if job == "soupkit":  # each job's own imports, outside the timed region
         import soupkit.execute  # noqa: F401
@@ -85,15 +99,15 @@ def child(job: str, base: Path, adapters: list[Path], out: Path) -> None:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     start = time.perf_counter()
-    JOBS[job](base, adapters, out)
+    extra = job_soupkit(base, adapters, out, device) if job == "soupkit" else JOBS[job](base, adapters, out)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB -> MiB
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, **extra}))
 
 
-def measure(job: str, base: Path, adapters: list[Path], out: Path) -> dict:
+def measure(job: str, base: Path, adapters: list[Path], out: Path, device: str = "cpu") -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "benchmarks.bench_export", "--child", job, "--base", str(base), "--out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_export", "--child", job, "--base", str(base), "--out", str(out), "--device", device]
     cmd += ["--adapters", *map(str, adapters)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
@@ -119,10 +133,11 @@ def peft_fits(base: Path) -> tuple[bool, str]:
 
     need = sum(f.stat().st_size for f in base.glob("*.safetensors")) * 1.3 + 2 * GiB
     avail = psutil.virtual_memory().available
-    return avail > need, f"needs ~{need / GiB:.0f} GiB RAM, {avail / GiB:.0f} GiB available"
+    spare = 4 * GiB  # left for the other processes of this shared machine
+    return avail > need + spare, f"needs ~{need / GiB:.0f} GiB RAM + {spare / GiB:.0f} GiB spare, {avail / GiB:.0f} GiB available"
 
 
-def run_shape(root: Path, shape: str, peft_mode: str) -> dict:
+def run_shape(root: Path, shape: str, peft_mode: str, device: str) -> dict:
     from benchmarks.llama_shapes import ensure_fixture, remove_fixture
 
     existed = (root / shape / "base" / "config.json").is_file()
@@ -132,13 +147,13 @@ def run_shape(root: Path, shape: str, peft_mode: str) -> dict:
     row: dict = {"shape": shape, "base_gb": size / 1e9, "load_before": os.getloadavg()[0]}
     row["copy"] = measure("copy", base, adapters, work / "copy")
     shutil.rmtree(work / "copy", ignore_errors=True)
-    row["soupkit"] = measure("soupkit", base, adapters, work / "soupkit")
+    row["soupkit"] = measure("soupkit", base, adapters, work / "soupkit", device)
     fits, why = peft_fits(base)
     if peft_mode == "yes" or (peft_mode == "auto" and fits):
         row["peft"] = measure("peft", base, adapters, work / "peft")
         row["agreement"] = bf16_agreement(work / "soupkit", work / "peft")
     else:
-        row["peft"] = {"error": f"not run: {why}"}
+        row["peft"] = {"error": "not run: --peft no" if peft_mode == "no" else f"not run: {why}"}
     row["load_after"] = os.getloadavg()[0]
     shutil.rmtree(work, ignore_errors=True)
     if not existed and shape == "llama-7b":
@@ -152,14 +167,16 @@ def fmt(result: dict, key: str, spec: str) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| shape | base (GB) | copy floor (s) | soupkit (s) | soupkit / copy | soupkit peak RSS (MiB) | PEFT (s) | PEFT peak RSS (MiB) | soupkit vs PEFT, max rel diff |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | base (GB) | copy floor (s) | soupkit (s) | of which lock hashes (s) | soupkit / copy "
+        "| soupkit peak RSS (MiB) | PEFT (s) | PEFT peak RSS (MiB) | soupkit vs PEFT, max rel diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         c, s, p = r["copy"], r["soupkit"], r["peft"]
         ratio = "n/a" if "error" in c or "error" in s else f"{s['seconds'] / c['seconds']:.2f}x"
         lines.append(
-            f"| {r['shape']} | {r['base_gb']:.2f} | {fmt(c, 'seconds', '.1f')} | {fmt(s, 'seconds', '.1f')} | {ratio} | "
+            f"| {r['shape']} | {r['base_gb']:.2f} | {fmt(c, 'seconds', '.1f')} | {fmt(s, 'seconds', '.1f')} "
+            f"| {fmt(s, 'lock_seconds', '.1f')} | {ratio} | "
             f"{fmt(s, 'peak_rss_mb', '.0f')} | {fmt(p, 'seconds', '.1f')} | {fmt(p, 'peak_rss_mb', '.0f')} | {r.get('agreement', 'n/a')} |"
         )
     notes = [f"{r['shape']} {k}: {v['error']}" for r in rows for k, v in r.items() if isinstance(v, dict) and "error" in v]
@@ -172,19 +189,20 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["llama-1b", "llama-7b"])
     parser.add_argument("--root", type=Path, default=Path("/tmp/soupkit-bench"))
     parser.add_argument("--peft", choices=["auto", "yes", "no"], default="auto", help="run PEFT's in-RAM path")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where soupkit's maths runs")
     parser.add_argument("--child", choices=list(JOBS), help=argparse.SUPPRESS)
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--adapters", type=Path, nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.base, args.adapters, args.out)
+        child(args.child, args.base, args.adapters, args.out, args.device)
         return
     rows = []
     for shape in args.shapes:
-        rows.append(run_shape(args.root, shape, args.peft))
+        rows.append(run_shape(args.root, shape, args.peft, args.device))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, soupkit maths on {args.device}, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.0f} GiB RAM; python {platform.python_version()}")
     print(table(rows))
 

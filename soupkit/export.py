@@ -100,7 +100,13 @@ class BlockBuffers:
 
 
 def merged_blocks(
-    fd: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...], factors: LoraFactors, transposed: bool, buffers: BlockBuffers
+    fd: int,
+    offset: int,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    factors: LoraFactors,
+    transposed: bool,
+    buffers: BlockBuffers,
 ) -> Iterator[torch.Tensor]:
     """Yield the merged weight in row blocks: base rows read from ``fd`` + delta rows, cast back to ``dtype``."""
     rows, cols = shape
@@ -276,8 +282,10 @@ def export_model(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pat
     merged = iter_merged(recipe, plan, inputs, device, options.progress)
     energy: dict[str, float] = {}
     buffers = BlockBuffers(device, ring=QUEUE_DEPTH + 3)  # queued + held by groupby + being written + being filled
-    stream = in_background(fold_stream(order, specs, ranges, targets, merged, plan.fan_in_fan_out, energy, buffers), QUEUE_DEPTH)
-    with maths_threads(max(1, (os.cpu_count() or 2) - 1)), ShardedWriter(tmp, specs, options.shard_bytes, {"format": "pt"}) as writer:
+    blocks = fold_stream(order, specs, ranges, targets, merged, plan.fan_in_fan_out, energy, buffers)
+    stream = in_background(blocks, QUEUE_DEPTH)
+    spare_cores = max(1, (os.cpu_count() or 2) - 1)  # one core stays free for the writer
+    with maths_threads(spare_cores), ShardedWriter(tmp, specs, options.shard_bytes, {"format": "pt"}) as writer:
         for key, group in groupby(stream, key=itemgetter(0)):
             first = next(group)[1]
             if isinstance(first, ByteRange):

@@ -151,13 +151,15 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
     if rest:
         layers.append(LayerPlan(None, rest))
     dense = method.space == "delta"
+    full = recipe.output == "model"  # a full model reads and writes every base tensor
+    base_bytes = sum(info.nbytes for info in base.index.infos.values())
     return Plan(
         method=method.name,
         layers=tuple(layers),
         rank=rank,
         target_modules=tuple(sorted({m.path.rsplit(".", 1)[-1] for m in modules})),
         fan_in_fan_out=adapters[0].fan_in_fan_out,
-        bytes_read=sum(s.nbytes for m in modules for s in m.sources),
-        bytes_written=sum(rank * (m.d_in + m.d_out) for m in modules) * DTYPE_BYTES[out_dtype],
+        bytes_read=sum(s.nbytes for m in modules for s in m.sources) + (base_bytes if full else 0),
+        bytes_written=base_bytes if full else sum(rank * (m.d_in + m.d_out) for m in modules) * DTYPE_BYTES[out_dtype],
         peak_bytes=max(m.peak_bytes(dense, rank) for m in modules),
     )

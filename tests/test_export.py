@@ -38,7 +38,13 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model(IDS).logits.float()
 
 
-def peft_merged(base: Path, adapters: dict[str, Path], weights: list[float], dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def one_adapter(base: Path, lora: Path, weight: float) -> dict:
+    return {"base_model": str(base), "adapters": [{"name": "a", "path": str(lora), "weight": weight}], "merge": {"method": "cat"}}
+
+
+def peft_merged(
+    base: Path, adapters: dict[str, Path], weights: list[float], dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """PEFT's own path: load base + adapters, add_weighted_adapter(cat), merge_and_unload."""
     from peft import PeftModel
 
@@ -107,7 +113,7 @@ def bf16_fixture(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_bf16_base_within_bf16_rounding(tmp_path: Path, bf16_fixture: tuple[Path, Path]) -> None:
     """Ours is W + delta rounded once to bf16; PEFT rounds delta to bf16, then the sum: both within bf16 rounding."""
     base, lora = bf16_fixture
-    recipe = {"base_model": str(base), "adapters": [{"name": "a", "path": str(lora), "weight": 1.0}], "merge": {"method": "cat"}}
+    recipe = one_adapter(base, lora, 1.0)
     got = load(export(tmp_path, recipe), torch.bfloat16)
     reference = peft_merged(base, {"a": lora}, [1.0], torch.bfloat16)
     base_weights, deltas, want = load(base, torch.bfloat16).state_dict(), reference_deltas(lora), reference.state_dict()
@@ -134,7 +140,7 @@ def test_multi_shard_base_round_trips_and_keeps_bytes(tmp_path: Path, monkeypatc
     sharded = make_base(tmp_path / "sharded", seed=0, max_shard_size="40KB")
     assert (sharded / "model.safetensors.index.json").is_file()
     lora = make_lora(sharded, tmp_path / "lora", seed=1, target_modules=["q_proj", "down_proj"])
-    recipe = {"base_model": str(sharded), "adapters": [{"name": "a", "path": str(lora), "weight": 0.5}], "merge": {"method": "cat"}}
+    recipe = one_adapter(sharded, lora, 0.5)
     out = export(tmp_path, recipe, "out", RunOptions(progress=False, shard_bytes=60_000))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -159,7 +165,7 @@ def test_gpt2_fan_in_fan_out_equals_peft(tmp_path: Path, monkeypatch: pytest.Mon
     config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2)
     base = make_base(tmp_path / "gpt2", seed=5, config=config)
     lora = make_lora(base, tmp_path / "lora", seed=6, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
-    recipe = {"base_model": str(base), "adapters": [{"name": "a", "path": str(lora), "weight": 0.9}], "merge": {"method": "cat"}}
+    recipe = one_adapter(base, lora, 0.9)
     out = export(tmp_path, recipe)
     reference = peft_merged(base, {"a": lora}, [0.9])
     torch.testing.assert_close(logits(load(out)), logits(reference), rtol=0, atol=1e-5)
@@ -177,7 +183,7 @@ def test_tied_embedding_target_is_untied(tmp_path: Path) -> None:
     base = make_base(tmp_path / "tied", seed=7, config=tiny_llama_config(tie_word_embeddings=True))
     assert "lm_head.weight" not in raw_tensors(base)
     lora = make_lora(base, tmp_path / "lora", seed=8, target_modules=["embed_tokens", "q_proj"])
-    recipe = {"base_model": str(base), "adapters": [{"name": "a", "path": str(lora), "weight": 1.0}], "merge": {"method": "cat"}}
+    recipe = one_adapter(base, lora, 1.0)
     out = export(tmp_path, recipe)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     got, base_raw = raw_tensors(out), raw_tensors(base)
@@ -201,7 +207,8 @@ def test_cli_model_export_and_bad_shard_size(tmp_path: Path) -> None:
 
     recipe = write_recipe(tmp_path, tiny_recipe("cat"))
     runner = CliRunner()
-    bad = runner.invoke(main, ["merge", str(recipe), "-o", str(tmp_path / "bad"), "--output-type", "model", "--shard-size", "5XB"])
+    model = ["--output-type", "model"]
+    bad = runner.invoke(main, ["merge", str(recipe), "-o", str(tmp_path / "bad"), *model, "--shard-size", "5XB"])
     assert bad.exit_code == 2 and "--shard-size" in bad.output and not (tmp_path / "bad").exists()
     args = ["merge", str(recipe), "-o", str(tmp_path / "m"), "--output-type", "model", "--shard-size", "100KB", "--quiet"]
     ok = runner.invoke(main, args)

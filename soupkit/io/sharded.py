@@ -55,7 +55,9 @@ def spec_nbytes(spec: TensorSpec) -> int:
     return n
 
 
-def plan_shards(specs: dict[str, TensorSpec], max_shard_bytes: int, stem: str = "model") -> list[tuple[str, dict[str, TensorSpec]]]:
+def plan_shards(
+    specs: dict[str, TensorSpec], max_shard_bytes: int, stem: str = "model"
+) -> list[tuple[str, dict[str, TensorSpec]]]:
     """Split ordered ``specs`` into consecutive shards of at most ``max_shard_bytes`` of data.
 
     A tensor larger than the budget gets a shard of its own (as transformers does). One shard is
@@ -180,7 +182,9 @@ class ShardedWriter:
         metadata: each shard header's ``__metadata__`` (``{"format": "pt"}`` for transformers).
     """
 
-    def __init__(self, directory: Path, specs: dict[str, TensorSpec], max_shard_bytes: int, metadata: dict[str, str], stem: str = "model") -> None:
+    def __init__(
+        self, directory: Path, specs: dict[str, TensorSpec], max_shard_bytes: int, metadata: dict[str, str], stem: str = "model"
+    ) -> None:
         self.directory, self.stem, self.metadata = directory, stem, metadata
         self.shards = plan_shards(specs, max_shard_bytes, stem)
         self.shard_of = {key: i for i, (_, group) in enumerate(self.shards) for key in group}
