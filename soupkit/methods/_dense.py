@@ -69,6 +69,17 @@ class DenseMethod(MergeMethod):
     def merge(
         self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
     ) -> MergeResult:
+        merged = self.dense_merge(factors, weights, params, ctx)
+        rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
+        seed = int(ctx.generator("range-finder").initial_seed())
+        start = torch.cat([f.A for f in factors], dim=0).T  # the inputs' row space: a close first guess
+        out, energy = best_rank_k(merged, rank, start=start, seed=seed)
+        return MergeResult(out, energy)
+
+    def dense_merge(
+        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
+    ) -> torch.Tensor:
+        """The merged update before re-factorisation, (d_out, d_in) float32."""
         p: Any = params
         kept = [w * self.sparsify(dense_delta(f), j, p, ctx) for j, (f, w) in enumerate(zip(factors, weights, strict=True))]
         if self.combine == "ties":
@@ -78,11 +89,7 @@ class DenseMethod(MergeMethod):
         else:
             merged = torch.stack(kept).sum(dim=0) if len(kept) > 1 else kept[0]
         del kept
-        merged = merged * p.lambda_
-        rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
-        seed = int(ctx.generator("range-finder").initial_seed())
-        out, energy = best_rank_k(merged, rank, seed=seed)
-        return MergeResult(out, energy)
+        return merged * p.lambda_
 
 
 def uniform_for(delta: torch.Tensor, j: int, ctx: MergeContext, salt: str) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pydantic import Field
 from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, DenseParams, Density, Scope, SignRule
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
 from soupkit.methods.registry import register
-from soupkit.ops import disjoint_mean, drop_and_rescale, elect_sign, trim_to_density, truncate_factors, uniform_like
+from soupkit.ops import disjoint_mean, eigh, drop_and_rescale, elect_sign, trim_to_density, truncate_factors, uniform_like
 
 
 class KnotsParams(DenseParams):
@@ -41,7 +41,7 @@ def aligned_coordinates(factors: list[LoraFactors]) -> tuple[torch.Tensor, list[
         blocks.append(R_B[:, start : start + f.rank] @ f.A.double())
         start += f.rank
     gram = sum(C @ C.T for C in blocks)
-    _, U_c = torch.linalg.eigh(gram)  # ascending; order does not matter to U Z
+    _, U_c = eigh(gram)  # ascending; order does not matter to U Z
     U_c = U_c.flip(1)
     return Q @ U_c, [U_c.T @ C for C in blocks]
 
