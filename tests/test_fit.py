@@ -247,6 +247,11 @@ def test_prompt_completion_puts_loss_on_the_completion_only() -> None:
     example = tokenize_record({"prompt": "2+2=", "completion": "4!"}, tokenizer, 64, "r")
     assert example.labels[-2:] == example.input_ids[-2:] and example.labels[-2:] != [IGNORE, IGNORE]
     assert all(t == IGNORE for t in example.labels[:-2]) and example.n_target == 2
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    chat = {"messages": [{"role": "u", "content": "hi"}, {"role": "a", "content": "yo!"}]}
+    example = tokenize_record(chat, tokenizer, 64, "r")
+    assert tokenizer.decode(example.input_ids) == "<u>hi<a>yo!"
+    assert tokenizer.decode([t for t in example.labels if t != IGNORE]) == "yo!"  # the reply carries the loss
 
 
 def test_user_errors_are_one_line(tmp_path: Path) -> None:
