@@ -81,7 +81,8 @@ def load_tokenizer(recipe: Recipe) -> tuple[Any, int]:
     """The base model's tokenizer and a pad id (pad, else eos, else 0: padding carries no loss anyway)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_reference(recipe.base_model, recipe.root, "base_model"))
+    base = resolve_reference(recipe.base_model, recipe.root, "base_model", "base+tokenizer")  # hub: tokenizer files too
+    tokenizer = AutoTokenizer.from_pretrained(base)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer, int(pad or 0)
 
