@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from soupkit.errors import SoupkitError
+from soupkit.io.adapter import LoraAdapter
 from soupkit.io.base_model import BaseModelInfo, layer_of
 from soupkit.io.sharded import ByteRange, ShardedWriter, TensorSpec, read_range, tensor_ranges
 from soupkit.io.tensor_index import DTYPES
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from soupkit.recipe.schema import Recipe
 
 T = TypeVar("T")
+MergedModule = tuple[ModulePlan, LoraFactors, float | None]  # what iter_merged yields
 QUEUE_DEPTH = 2  # row blocks computed ahead of the writer
 BLOCK_ELEMENTS = 8 * 1024 * 1024  # rows per block are chosen so a float32 block is ~32 MB
 ITEMSIZE = {dt: size for dt, size in DTYPES.values()}  # torch dtype -> bytes per element
@@ -68,21 +70,24 @@ def add_delta_rows_(rows: torch.Tensor, factors: LoraFactors, lo: int, hi: int, 
 class BlockBuffers:
     """Reused buffers for row blocks: fresh 32 MB allocations cost page faults on every block.
 
-    One read buffer and one float32 work buffer (on the maths device), and a ring of output
-    buffers: a block handed to the writer thread must stay intact until written, and at most
-    ``ring`` blocks are alive at once (queued + being written + being filled).
+    One read buffer and one float32 work buffer (CPU maths only), and a ring of output buffers:
+    a block handed to the writer thread must stay intact until written, and at most ``ring``
+    blocks are alive at once (queued + being written + being filled). With the maths on a GPU,
+    the host buffers are page-locked, which makes the copies to and from the GPU faster.
     """
 
     def __init__(self, device: torch.device, ring: int) -> None:
         self.device, self.ring = device, ring
         self._read = torch.empty(0, dtype=torch.uint8)
-        self._work = torch.empty(0, dtype=torch.float32, device=device)
+        self._work = torch.empty(0, dtype=torch.float32)
         self._out = [torch.empty(0, dtype=torch.uint8) for _ in range(ring)]
         self._next = 0
 
-    @staticmethod
-    def _at_least(buf: torch.Tensor, n: int) -> torch.Tensor:
-        return buf if buf.numel() >= n else torch.empty(n, dtype=buf.dtype, device=buf.device)
+    def _at_least(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+        if buf.numel() >= n:
+            return buf
+        pin = buf.device.type == "cpu" and self.device.type == "cuda"
+        return torch.empty(n, dtype=buf.dtype, device=buf.device, pin_memory=pin)
 
     def read(self, nbytes: int) -> torch.Tensor:
         self._read = self._at_least(self._read, nbytes)
@@ -116,10 +121,13 @@ def merged_blocks(
         hi = min(rows, lo + step)
         n = (hi - lo) * cols
         base = read_range(fd, offset + lo * cols * itemsize, n * itemsize, buffers.read(n * itemsize))
-        work = buffers.work(n).view(hi - lo, cols).copy_(base.view(dtype).view(hi - lo, cols))
+        stored = base.view(dtype).view(hi - lo, cols)
+        on_cpu = buffers.device.type == "cpu"
+        # On a GPU: move the stored dtype (half the bytes of float32 for bf16), convert there.
+        work = buffers.work(n).view(hi - lo, cols).copy_(stored) if on_cpu else stored.to(buffers.device).float()
         add_delta_rows_(work, factors, lo, hi, transposed)
         out = buffers.out(n * itemsize).view(dtype).view(hi - lo, cols)
-        yield out.copy_(work)  # the cast back to the base dtype
+        yield out.copy_(work if on_cpu else work.to(dtype))  # the cast back to the base dtype
 
 
 def output_order(keys: list[str], ranges: dict) -> list[str]:
@@ -175,7 +183,7 @@ def copy_side_files(base: BaseModelInfo, tmp: Path, untie: bool) -> None:
 
 def fold_stream(
     order: list[str], specs: dict[str, TensorSpec], ranges: dict[str, ByteRange], targets: dict[str, ModulePlan],
-    merged: Iterator[tuple[ModulePlan, LoraFactors, float | None]], fan_in_fan_out: bool, energy: dict[str, float],
+    merged: Iterator[MergedModule], fan_in_fan_out: bool, energy: dict[str, float],
     buffers: BlockBuffers,
 ) -> Iterator[tuple[str, ByteRange | torch.Tensor]]:
     """Every output tensor in ``order``: (key, ByteRange) to copy, or (key, row block) parts to write.
@@ -206,6 +214,22 @@ def fold_stream(
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def release_per_layer(merged: Iterator[MergedModule], adapters: list[LoraAdapter]) -> Iterator[MergedModule]:
+    """Close the adapters' file handles whenever a new layer starts.
+
+    Adapter files are read through safe_open's memory maps, and the pages read stay resident
+    while a handle is open: left open, they add the adapters' whole size to peak RSS (330 MB for
+    two rank-32 adapters of a 7B model; 1.7 GB at 70B). Reopening a handle costs a header read.
+    """
+    layer: object = object()
+    for item in merged:
+        if item[0].layer != layer:
+            for adapter in adapters:
+                adapter.index.close()
+            layer = item[0].layer
+        yield item
 
 
 def in_background(items: Iterator[T], depth: int) -> Iterator[T]:
@@ -279,7 +303,7 @@ def export_model(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pat
     specs: dict[str, TensorSpec] = {key: (infos[key].dtype, infos[key].shape) for key in order}
     targets = {f"{m.path}.weight": m for m in plan.modules if m.sources}
     device = resolve_device(options.device)
-    merged = iter_merged(recipe, plan, inputs, device, options.progress)
+    merged = release_per_layer(iter_merged(recipe, plan, inputs, device, options.progress), inputs.adapters)
     energy: dict[str, float] = {}
     buffers = BlockBuffers(device, ring=QUEUE_DEPTH + 3)  # queued + held by groupby + being written + being filled
     blocks = fold_stream(order, specs, ranges, targets, merged, plan.fan_in_fan_out, energy, buffers)
