@@ -1,0 +1,144 @@
+"""Aggregate the per-seed rows into results.json, a markdown table and a bar chart."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+METRICS = ["composite_acc", "composite_valid", "composite_ops", "composite_numbers", "math_acc", "code_acc"]
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def aggregate(per_seed: dict[int, dict]) -> list[dict]:
+    """One entry per row name, in table order: metrics as mean/std over the seeds that ran it."""
+    order: list[str] = []
+    runs: dict[str, list[dict]] = {}
+    for seed in sorted(per_seed):
+        for row in per_seed[seed]["rows"]:
+            if row["name"] not in runs:
+                order.append(row["name"])
+            runs.setdefault(row["name"], []).append(row)
+    table = []
+    for name in order:
+        done = [r for r in runs[name] if r["status"] == "ok"]
+        entry: dict = {"name": name, "seeds_ok": len(done), "seeds": len(runs[name])}
+        if done:
+            entry.update({m: _mean_std([r["metrics"][m] for r in done]) for m in METRICS})
+            fitted = [r["fitted_weights"] for r in done if r.get("fitted_weights")]
+            if fitted:
+                entry["fitted_weights"] = fitted
+        failed = [r["reason"] for r in runs[name] if r["status"] != "ok"]
+        if failed:
+            entry["not_available"] = failed[0]
+        table.append(entry)
+    return table
+
+
+def _cell(entry: dict, metric: str) -> str:
+    if metric not in entry:
+        return "n/a"
+    m = entry[metric]
+    return f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}"
+
+
+def markdown_table(table: list[dict]) -> str:
+    lines = [
+        "| row | composite acc % | composite: valid program % | composite: operators right % "
+        "| composite: numbers right % | skill A math acc % | skill B code acc % | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for e in table:
+        cells = [_cell(e, m) for m in METRICS]
+        if "not_available" in e and e["seeds_ok"] == 0:
+            cells = ["not available"] * len(METRICS)
+            notes.append(f"- **{e['name']}**: {e['not_available']}")
+        lines.append(f"| {e['name']} | " + " | ".join(cells) + f" | {e['seeds_ok']}/{e['seeds']} |")
+    text = "\n".join(lines) + "\n"
+    if notes:
+        text += "\nNot available in this run:\n" + "\n".join(notes) + "\n"
+    return text
+
+
+def adapter_table(per_seed: dict[int, dict]) -> str:
+    """Delta/weight norm ratio per adapter and math-code cosine, mean over seeds (max / range)."""
+    seeds = [per_seed[s]["adapter_stats"] for s in sorted(per_seed)]
+    lines = ["| adapter | ‖dW‖_F / ‖W‖_F, mean over modules | max over modules |", "|---|---|---|"]
+    for name in seeds[0]["ratio"]:
+        mean = statistics.fmean(s["ratio"][name]["mean"] for s in seeds)
+        top = max(s["ratio"][name]["max"] for s in seeds)
+        lines.append(f"| {name} | {mean:.3f} | {top:.3f} |")
+    cos = [s["cosine"] for s in seeds]
+    pair = " / ".join(cos[0]["pair"])
+    lines.append("")
+    lines.append(
+        f"Cosine between the {pair} deltas per module: mean {statistics.fmean(c['mean'] for c in cos):.3f}, "
+        f"range [{min(c['min'] for c in cos):.3f}, {max(c['max'] for c in cos):.3f}] over {len(cos)} seed(s)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def fitted_table(table: list[dict]) -> str:
+    """Mean fitted weight per adapter (and its range over modules and seeds) for fitted rows."""
+    lines = ["| row | adapter | mean weight | min | max |", "|---|---|---|---|---|"]
+    for e in table:
+        for name in (e.get("fitted_weights") or [{}])[0]:
+            runs = [f[name] for f in e["fitted_weights"]]
+            mean = statistics.fmean(r["mean"] for r in runs)
+            lo, hi = min(r["min"] for r in runs), max(r["max"] for r in runs)
+            lines.append(f"| {e['name']} | {name} | {mean:.3f} | {lo:.3f} | {hi:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(table: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [e for e in table if e["seeds_ok"]]
+    names = [e["name"] for e in shown]
+    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(names) + 2), 4.6), dpi=90)
+    width = 0.2
+    colors = {"composite_acc": "#c0392b", "composite_valid": "#f5b7b1", "math_acc": "#2e86c1", "code_acc": "#28b463"}
+    labels = {
+        "composite_acc": "composite (held out): accuracy",
+        "composite_valid": "composite: valid program",
+        "math_acc": "skill A (math): accuracy",
+        "code_acc": "skill B (code): accuracy",
+    }
+    for k, metric in enumerate(colors):
+        xs = [i + (k - 1.5) * width for i in range(len(shown))]
+        ys = [100 * e[metric]["mean"] for e in shown]
+        errs = [100 * e[metric]["std"] for e in shown]
+        ax.bar(xs, ys, width, yerr=errs, capsize=2, color=colors[metric], label=labels[metric])
+    ax.set_xticks(range(len(shown)), names, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy % (mean ± std over seeds)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out: Path, payload: dict, per_seed: dict[int, dict]) -> dict:
+    """Write results.json, table.md and chart.png into ``out``; return the results dict."""
+    table = aggregate(per_seed)
+    results = {**payload, "table": table, "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)}}
+    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    text = markdown_table(table) + "\n" + adapter_table(per_seed) + "\nFitted weights:\n\n" + fitted_table(table)
+    (out / "table.md").write_text(text)
+    seeds = ", ".join(str(s) for s in sorted(per_seed))
+    bar_chart(table, out / "chart.png", f"Skill composition: mean ± std over seeds {seeds}")
+    return results

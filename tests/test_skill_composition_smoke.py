@@ -1,0 +1,153 @@
+"""The skill-composition experiment: safe evaluator, data, report, and the --smoke pipeline end to end."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+
+import pytest
+import torch
+
+from examples.skill_composition import data as D
+from examples.skill_composition.report import aggregate, markdown_table
+from examples.skill_composition.safe_eval import Refused, evaluate_program, program_shape, score_math, score_program
+
+
+def test_safe_evaluator_computes_arithmetic(monkeypatch):
+    # The evaluator must never run text: make exec/eval explode while it works (ast.parse only
+    # compiles to a syntax tree, which it then interprets itself).
+    for name in ("exec", "eval"):
+        monkeypatch.setattr(builtins, name, lambda *a, **k: pytest.fail("exec/eval was called"))
+    src = "def solution():\n    x = 7\n    y = x * 3 - 4\n    x += y // 2\n    z = -x % 5 + 1.5 / 3\n    return z"
+    x = 7
+    y = x * 3 - 4
+    x += y // 2
+    assert evaluate_program(src) == pytest.approx(-x % 5 + 1.5 / 3)
+    assert score_program("junk\ndef solution():\n    x = 3412\n    x = x + 4519\n    return x\nmore", 7931) == (True, True)
+    assert score_program("def solution():\n    x = 1\n    return x", 2) == (True, False)
+
+
+REFUSED = [
+    "import os\ndef solution():\n    return 1",
+    "def solution():\n    import os\n    return 1",
+    "def solution():\n    x = __import__('os').system('echo hi')\n    return x",
+    "def solution():\n    x = open('/etc/passwd')\n    return x",
+    "def solution():\n    x = print(1)\n    return x",
+    "def solution():\n    x = (1).real\n    return x",
+    "def solution():\n    x = [1, 2][0]\n    return x",
+    "def solution():\n    x = 'abc'\n    return x",
+    "def solution():\n    x = 2 ** 10\n    return x",
+    "def solution():\n    x = lambda: 1\n    return x",
+    "def solution():\n    for i in range(3):\n        x = i\n    return x",
+    "def solution():\n    while True:\n        x = 1\n    return x",
+    "def solution():\n    if 1:\n        x = 1\n    return x",
+    "def solution():\n    x = 1 if 1 else 2\n    return x",
+    "def solution():\n    x = 1 < 2\n    return x",
+    "def solution():\n    x = True\n    return x",
+    "def solution():\n    global y\n    return 1",
+    "def solution():\n    x, y = 1, 2\n    return x",
+    "def solution():\n    x.a = 1\n    return x",
+    "def solution():\n    return y",
+    "def solution():\n    x = 1",
+    "def solution():\n    return",
+    "def solution():\n    x = 1 / 0\n    return x",
+    "def solution(a):\n    return a",
+    "@decorator\ndef solution():\n    return 1",
+    "def other():\n    return 1",
+    "def solution():\n    return 1\ndef solution():\n    return 2",
+    "x = 1",
+    "def solution():\n    x = 10 ** 2\n    return x",
+    "def solution():\n" + "".join(f"    x{i} = 99999999 * 99999999 * 99999999 * 99999999\n" for i in range(1)) + "    return x0",
+    "def solution():\n    def inner():\n        return 1\n    return 1",
+    "def solution():\n    x = [i for i in range(9)]\n    return x",
+    "def solution(\n",
+]
+
+
+@pytest.mark.parametrize("source", REFUSED)
+def test_safe_evaluator_refuses_anything_but_arithmetic(source):
+    with pytest.raises(Refused):
+        evaluate_program(source)
+
+
+def test_data_is_seeded_and_gold_answers_score_correct():
+    assert D.make_split("composite", 20, 3) == D.make_split("composite", 20, 3)
+    assert D.make_split("math", 20, 3) != D.make_split("math", 20, 4)
+    for ex in D.make_split("math", 50, 0):
+        assert score_math(ex.completion, ex.answer) == (True, True)
+    for kind in ("code", "composite"):
+        for ex in D.make_split(kind, 50, 0):
+            assert score_program(ex.completion, ex.answer) == (True, True)
+            ops, numbers = program_shape(ex.completion)
+            assert len(numbers) == len(ops) + 1
+    composite = D.make_split("composite", 50, 0)
+    assert all(ex.prompt.startswith("Problem: ") and ex.prompt.endswith("\nCode:") for ex in composite)
+    assert min(program_shape(ex.completion)[1][0] for ex in composite) >= 1000  # large numbers, as GSM-Hard
+    corpus = D.pretrain_corpus(2000, 0)
+    for marker in ("Problem:", "Answer:", "Task:", "Code:", "def solution", "The answer is"):
+        assert marker not in corpus  # the generic corpus never shows the task formats
+
+
+def test_report_aggregates_mean_and_spread():
+    def seed(acc: float, ok: bool = True) -> dict:
+        metrics = {m: acc for m in ("composite_acc", "composite_valid", "composite_ops", "composite_numbers", "math_acc", "code_acc")}
+        rows = [{"name": "a", "status": "ok", "metrics": metrics}]
+        rows.append({"name": "b", "status": "ok", "metrics": metrics} if ok else {"name": "b", "status": "not available", "reason": "gone"})
+        return {"rows": rows}
+
+    table = aggregate({0: seed(0.2), 1: seed(0.4, ok=False), 2: seed(0.9, ok=False)})
+    a, b = table
+    assert a["composite_acc"]["mean"] == pytest.approx(0.5)
+    assert a["composite_acc"]["std"] == pytest.approx(math.sqrt(((0.3**2) + (0.1**2) + (0.4**2)) / 2))
+    assert (b["seeds_ok"], b["seeds"], b["not_available"]) == (1, 3, "gone")
+    text = markdown_table(aggregate({0: seed(0.1, ok=False)}))
+    assert "| b | not available" in text and "gone" in text
+
+
+def _dense(adapter_dir) -> dict[str, torch.Tensor]:
+    """Plain s * B @ A per module, read straight from the PEFT files."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    scale = config["lora_alpha"] / config["r"]
+    out = {}
+    for key, a in tensors.items():
+        if key.endswith("lora_A.weight"):
+            b = tensors[key.replace("lora_A", "lora_B")]
+            out[key.removesuffix(".lora_A.weight")] = scale * b.double() @ a.double()
+    return out
+
+
+def test_smoke_pipeline_end_to_end(tmp_path):
+    from examples.skill_composition.merges import rows, slug
+    from examples.skill_composition.config import SMOKE
+    from examples.skill_composition.run import main
+    from soupkit.methods import REGISTRY
+
+    results = main(["--out", str(tmp_path), "--smoke"])
+    for name in ("results.json", "table.md", "chart.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    by_name = {e["name"]: e for e in results["table"]}
+    assert list(by_name) == [r.name for r in rows(SMOKE)]
+    seed = tmp_path / "seed0"
+    for row in rows(SMOKE):
+        entry = by_name[row.name]
+        if row.kind in ("base", "adapter") or row.method in REGISTRY and row.kind == "merge":
+            assert entry["seeds_ok"] == 1, entry.get("not_available")
+        if entry["seeds_ok"]:
+            assert 0.0 <= entry["composite_acc"]["mean"] <= 1.0
+        if row.kind in ("merge", "fit") and entry["seeds_ok"]:
+            assert (seed / "merged" / slug(row.name) / "adapter_model.safetensors").is_file()
+            assert (seed / "recipes" / f"{slug(row.name)}.yaml").is_file()
+    # The recipe of 'cat 1/1' points at the right adapters with the right weights: its merged
+    # adapter equals the plain sum of the two skill deltas.
+    merged = _dense(seed / "merged" / "cat_1_1")
+    math_d, code_d = _dense(seed / "adapters" / "math"), _dense(seed / "adapters" / "code")
+    assert set(merged) == set(math_d)
+    for key, delta in merged.items():
+        torch.testing.assert_close(delta, math_d[key] + code_d[key], atol=1e-5, rtol=1e-4)
+    stats = json.loads((seed / "rows.json").read_text())["adapter_stats"]
+    assert set(stats["ratio"]) >= {"math", "code", "mix", "calib"}
+    assert -1.0 <= stats["cosine"]["mean"] <= 1.0
