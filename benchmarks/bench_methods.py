@@ -98,10 +98,6 @@ def main() -> None:
     for method in METHODS:
         wall, rss, status, note = soupkit_row(base, adapters, method, work)
         print(f"| soupkit {method} | Llama-1B shape, 16 layers | {fmt(wall, rss, status)} | {note} |", flush=True)
-    if not args.no_full_peft:
-        for combo in PEFT:
-            wall, rss, status = peft_row(base, adapters, combo, work, args.peft_timeout)
-            print(f"| PEFT {combo} | Llama-1B shape, 16 layers | {fmt(wall, rss, status)} | |", flush=True)
     for method in ("ties", "dare_ties"):
         wall, rss, status, _ = soupkit_row(small_base, small_adapters, method, work)
         print(f"| soupkit {method} | 1 layer (same module shapes) | {fmt(wall, rss, status)} | |", flush=True)
@@ -109,7 +105,11 @@ def main() -> None:
         wall, rss, status = peft_row(small_base, small_adapters, combo, work, None)
         note = f"x16 layers: ~{16 * wall:.0f} s EXTRAPOLATED (not measured)" if status == 0 else ""
         print(f"| PEFT {combo} | 1 layer (same module shapes) | {fmt(wall, rss, status)} | {note} |", flush=True)
-    print(accuracy_line(base, adapters))
+    print(accuracy_line(base, adapters), flush=True)
+    if not args.no_full_peft:
+        for combo in PEFT:
+            wall, rss, status = peft_row(base, adapters, combo, work, args.peft_timeout)
+            print(f"| PEFT {combo} | Llama-1B shape, 16 layers | {fmt(wall, rss, status)} | |", flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -81,15 +81,15 @@ class DenseMethod(MergeMethod):
     ) -> torch.Tensor:
         """The merged update before re-factorisation, (d_out, d_in) float32."""
         p: Any = params
-        kept = [w * self.sparsify(dense_delta(f), j, p, ctx) for j, (f, w) in enumerate(zip(factors, weights, strict=True))]
+        stack = factors[0].A.new_empty(len(factors), factors[0].B.shape[0], factors[0].A.shape[1])
+        for j, (f, w) in enumerate(zip(factors, weights, strict=True)):
+            torch.mul(self.sparsify(dense_delta(f), j, p, ctx), w, out=stack[j])  # no extra copy
         if self.combine == "ties":
-            stack = torch.stack(kept)
             merged = disjoint_mean(stack, elect_sign(stack, p.majority_sign))
-            del stack
         else:
-            merged = torch.stack(kept).sum(dim=0) if len(kept) > 1 else kept[0]
-        del kept
-        return merged * p.lambda_
+            merged = stack.sum(dim=0)
+        del stack
+        return merged.mul_(p.lambda_)
 
 
 def uniform_for(delta: torch.Tensor, j: int, ctx: MergeContext, salt: str) -> torch.Tensor:
