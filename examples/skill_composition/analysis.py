@@ -57,5 +57,6 @@ def adapter_stats(base_dir: Path, adapters: dict[str, Path], pair: tuple[str, st
     by_kind = {}
     for p, v in cos.items():
         by_kind.setdefault(p.rsplit(".", 1)[-1], []).append(v)
-    stats["cosine"] = {"pair": list(pair), **_summary(list(cos.values())), "by_kind": {k: _summary(v) for k, v in by_kind.items()}}
+    by_kind_summary = {k: _summary(v) for k, v in by_kind.items()}
+    stats["cosine"] = {"pair": list(pair), **_summary(list(cos.values())), "by_kind": by_kind_summary}
     return stats

@@ -59,7 +59,7 @@ def rows(cfg: Config) -> list[Row]:
         Row("lorahub", "fit", skills, one, "cat", fit={"search": "lorahub"}),
         Row("cat fitted (softmax)", "fit", skills, (0.5, 0.5), "cat", fit={"constraint": "softmax"}),
         Row("cat fitted (free)", "fit", skills, (0.5, 0.5), "cat", fit={"constraint": "free"}),
-        Row("cat fitted on random LoRAs (control)", "fit", ("rand_a", "rand_b"), (0.5, 0.5), "cat", fit={"constraint": "softmax"}),
+        Row("cat fitted on random LoRAs (control)", "fit", ("rand_a", "rand_b"), (0.5, 0.5), fit={"constraint": "softmax"}),
     ]
 
 
@@ -133,7 +133,8 @@ def fit_args(row: Row, recipe: Path, calib: Path, fitted: Path, cfg: Config, see
     args = ["fit-alpha", str(recipe), "--data", str(calib), "-o", str(fitted)]
     wanted = {"--seed": seed, "--lr": cfg.fit_lr, "--epochs": cfg.fit_epochs, "--device": device, "--overwrite": None}
     if "search" in row.fit:
-        wanted = {"--search": row.fit["search"], "--budget": cfg.lorahub_budget, "--seed": seed, "--device": device, "--overwrite": None}
+        wanted = {"--search": row.fit["search"], "--budget": cfg.lorahub_budget, "--seed": seed, "--device": device}
+        wanted["--overwrite"] = None
     else:
         wanted.update({"--granularity": "module", "--constraint": row.fit["constraint"], "--init": "uniform"})
     for opt, value in wanted.items():

@@ -127,7 +127,8 @@ def run_one_row(row: Row, ctx: dict) -> dict:
         entry.update(status="not available", reason=str(err))
     entry["seconds"] = time.time() - t0
     shown = entry.get("metrics", {}).get("composite_acc")
-    log(f"[seed {seed}] {row.name}: {entry['status']}" + (f", composite {shown:.3f}" if shown is not None else f" ({entry.get('reason')})"))
+    detail = f", composite {shown:.3f}" if shown is not None else f" ({entry.get('reason')})"
+    log(f"[seed {seed}] {row.name}: {entry['status']}{detail}")
     return entry
 
 
@@ -151,7 +152,8 @@ def stage_seed(cfg: Config, out: Path, seed: int) -> dict:
     write_calib(sets, calib)
     names = ("math", "code", "mix", "calib", "rand_a", "rand_b")
     stats = adapter_stats(out / "base", {n: seed_dir / "adapters" / n for n in names})
-    ctx = dict(cfg=cfg, seed_dir=seed_dir, seed=seed, base=base, base_dir=out / "base", calib=calib, sets=sets, codec=CharCodec(), device=device.type)
+    ctx = dict(cfg=cfg, seed_dir=seed_dir, seed=seed, base=base, base_dir=out / "base", calib=calib, sets=sets)
+    ctx.update(codec=CharCodec(), device=device.type)
     result = {"seed": seed, "training": training, "adapter_stats": stats, "rows": [run_one_row(r, ctx) for r in rows(cfg)]}
     result["seconds"] = time.time() - t0
     done.write_text(json.dumps(result, indent=1) + "\n")
