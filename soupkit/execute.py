@@ -18,7 +18,7 @@ from soupkit.io.resolve import hub_name, hub_pin, lock_reference, resolve_refere
 from soupkit.io.writer import SafetensorsStreamWriter, atomic_output_dir, check_output_free, dtype_tag
 from soupkit.methods import LoraFactors, MergeContext, get_method
 from soupkit.methods.base import ModuleInputs, RunInputs
-from soupkit.ops import pad_rank
+from soupkit.ops import all_finite, pad_rank
 from soupkit.plan import ModulePlan, Plan, build_plan
 from soupkit.recipe.schema import Recipe
 
@@ -127,7 +127,7 @@ def iter_merged(
             factors = load_sources(inputs, module, device)
             ctx = MergeContext(module.path, recipe.merge.rank, recipe.seed, device, state, source_names(recipe, module))
             result = method.merge(factors, [s.weight for s in module.sources], recipe.merge.params, ctx)
-            if not (torch.isfinite(result.factors.A).all() and torch.isfinite(result.factors.B).all()):
+            if not (all_finite(result.factors.A) and all_finite(result.factors.B)):
                 raise RuntimeError(f"method {method.name} produced non-finite values at {module.path}")
             yield module, pad_rank(result.factors, plan.rank), result.energy_kept
 

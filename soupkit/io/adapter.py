@@ -14,6 +14,7 @@ import torch
 from soupkit.errors import AdapterError, UnsupportedAdapterError
 from soupkit.io.tensor_index import TensorIndex
 from soupkit.methods.base import LoraFactors
+from soupkit.ops import all_finite
 
 PREFIX = "base_model.model."
 # tensor-key suffix -> (module kind, factor)
@@ -216,7 +217,7 @@ class LoraAdapter:
         A = self._read(spec.a_key).to(device=device, dtype=torch.float32)
         B = self._read(spec.b_key).to(device=device, dtype=torch.float32) * spec.scale
         for key, tensor in ((spec.a_key, A), (spec.b_key, B)):
-            if not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise AdapterError(f"adapter '{self.name}' tensor {key}", "finite values", f"{bad} NaN or Inf entries", "retrain or repair the adapter")
         return LoraFactors(A=A, B=B)
