@@ -159,23 +159,25 @@ def tied_output_key(base: BaseModelInfo, plan: Plan) -> tuple[str, str] | None:
     with torch.device("meta"):  # module names only: no weights are allocated
         model = AutoModelForCausalLM.from_config(config)
     names = {id(module): name for name, module in model.named_modules()}
+    head = model.get_output_embeddings()
+    if head is None or id(head) not in names:
+        return None
     in_key = names[id(model.get_input_embeddings())] + ".weight"
-    out_key = names[id(model.get_output_embeddings())] + ".weight"
-    if in_key not in targeted:
-        raise SoupkitError(
-            "adapters", f"a LoRA on the tied input embedding {in_key}", f"one on {sorted(targeted)}", "untie the base first"
-        )
-    return in_key, out_key
+    if in_key not in targeted:  # e.g. GPT-2's position embeddings: not the tied one
+        return None
+    return in_key, names[id(head)] + ".weight"
 
 
 def copy_side_files(base: BaseModelInfo, tmp: Path, untie: bool) -> None:
     """config.json (untied if needed), generation config and tokenizer files, as in the base."""
-    config = json.loads((base.directory / "config.json").read_text())
     if untie:
+        config = json.loads((base.directory / "config.json").read_text())
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict):
             config["text_config"]["tie_word_embeddings"] = False
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    else:
+        shutil.copyfile(base.directory / "config.json", tmp / "config.json")
     for name in COPIED_FILES:
         if (base.directory / name).is_file():
             shutil.copyfile(base.directory / name, tmp / name)
@@ -286,6 +288,18 @@ def maths_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def check_dtypes(specs: dict[str, TensorSpec], targets: dict[str, ModulePlan]) -> None:
+    """Refuse a base whose tensors soupkit cannot copy, or whose target weights are not floats."""
+    for key, (tag, _) in specs.items():
+        if tag not in DTYPES:
+            raise SoupkitError(f"base_model tensor {key}", f"one of {', '.join(DTYPES)}", tag, "export from an unquantised base")
+        if key in targets and not DTYPES[tag][0].is_floating_point:
+            raise SoupkitError(
+                f"base_model tensor {key}", "a floating-point weight to add the update to", f"{tag} (quantised?)",
+                "merge into an unquantised base, then quantise the export",
+            )
+
+
 def export_model(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Path, options: RunOptions) -> dict[str, float]:
     """Write the base with every merged update folded in to ``tmp`` (renamed to ``out`` later).
 
@@ -302,6 +316,7 @@ def export_model(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pat
     order = output_order(list(ranges), ranges)
     specs: dict[str, TensorSpec] = {key: (infos[key].dtype, infos[key].shape) for key in order}
     targets = {f"{m.path}.weight": m for m in plan.modules if m.sources}
+    check_dtypes(specs, targets)
     device = resolve_device(options.device)
     merged = release_per_layer(iter_merged(recipe, plan, inputs, device, options.progress), inputs.adapters)
     energy: dict[str, float] = {}

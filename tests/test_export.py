@@ -193,6 +193,25 @@ def test_tied_embedding_target_is_untied(tmp_path: Path) -> None:
     torch.testing.assert_close(logits(load(out)), logits(with_adapter), rtol=0, atol=1e-5)
 
 
+def test_quantised_target_weight_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from soupkit.errors import SoupkitError
+
+    base = tmp_path / "int8"
+    base.mkdir()
+    tensors = load_file(TINY / "base" / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = tensors[key].to(torch.int8)
+    save_file(tensors, base / "model.safetensors", {"format": "pt"})
+    (base / "config.json").write_bytes((TINY / "base" / "config.json").read_bytes())
+    recipe = tiny_recipe("cat")
+    recipe["base_model"] = str(base)
+    with pytest.raises(SoupkitError, match=f"{key}: expected a floating-point weight"):
+        export(tmp_path, recipe)
+    assert not (tmp_path / "model").exists()
+
+
 def test_plan_shards_budget_and_names() -> None:
     specs = {f"t{i}": ("BF16", (10, 10)) for i in range(5)}  # 200 bytes each
     shards = plan_shards(specs, 450)
