@@ -1,6 +1,6 @@
 """Adapter merge benchmark: soupkit vs PEFT's load + add_weighted_adapter + save, vs the floor.
 
-    python -m benchmarks.bench_adapter_merge --shapes llama-1b llama-7b [--peft-svd] [--root /tmp/soupkit-bench]
+    python -m benchmarks.bench_adapter_merge --shapes llama-1b llama-7b --peft-svd llama-1b [--root /tmp/soupkit-bench]
 
 Each row is one whole process (python start-up and imports included), measured with os.wait4:
 wall seconds and peak RSS. Two rank-32 bf16 adapters on all 7 linear modules.
@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", nargs="+", default=["llama-1b"])
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "soupkit-bench")
-    parser.add_argument("--peft-svd", action="store_true", help="also time PEFT's dense svd (minutes per model)")
+    parser.add_argument("--peft-svd", nargs="*", default=[], help="shapes on which to time PEFT's dense svd (minutes)")
     parser.add_argument("--peft-timeout", type=float, default=900.0)
     parser.add_argument("--skip-peft", nargs="*", default=[], help="shapes on which PEFT is not run")
     args = parser.parse_args()
@@ -78,7 +78,7 @@ def main() -> None:
         floor = floor_row(adapters, cat[3], work)
         print(f"| {shape} | floor (import torch, read + write the same bytes) | {fmt(*floor)} | 1.00x | |")
         for name, row, combo in (("cat", cat, "cat"), ("svd", svd, "svd")):
-            run_peft = shape not in args.skip_peft and (combo == "cat" or args.peft_svd)
+            run_peft = shape not in args.skip_peft and (combo == "cat" or shape in args.peft_svd)
             peft = peft_row(base, adapters, combo, work, args.peft_timeout) if run_peft else None
             ratio = f"{row[0] / floor[0]:.2f}x"
             versus = f"{peft[0] / row[0]:.1f}x faster / {row[1] / peft[1]:.2f}x RSS" if peft and peft[2] == 0 else ""
