@@ -325,7 +325,8 @@ def best_rank_k(
     Small matrices (or a rank close to full) use the exact eigen-decomposition (``truncate_dense``).
     Large ones use block subspace iteration: Q spans ``max(rank, m) + oversample`` directions,
     starting from ``D @ [start, random]`` (``start``: (d_in, m) guess of the row space, e.g. the
-    inputs' A^T, which holds nearly all of a merged update's energy; random columns from ``seed``), refined by Q <- orth(D orth(D^T Q)) until the energy of the top
+    inputs' A^T, which holds nearly all of a merged update's energy; random columns from ``seed``),
+    refined by Q <- orth(D orth(D^T Q)) until the energy of the top
     ``rank`` Ritz directions grows by less than ``tol`` * ||D||_F^2 (at most ``max_iter`` rounds).
     The energy kept is measured against the exact ||D||_F^2 and the returned factors, so it is a true
     figure, never optimistic; the README benchmark reports its gap to the exact optimum.

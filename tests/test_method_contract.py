@@ -49,9 +49,8 @@ def test_identity(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_zero_weights_give_zero(name: str) -> None:
-    out = merged(name, [factors(1), factors(2)], [0.0, 0.0], density=0.5) if "density" in REGISTRY[name].Params.model_fields else merged(
-        name, [factors(1), factors(2)], [0.0, 0.0]
-    )
+    params = {"density": 0.5} if "density" in REGISTRY[name].Params.model_fields else {}
+    out = merged(name, [factors(1), factors(2)], [0.0, 0.0], **params)
     assert float(out.abs().max()) == 0.0
 
 

@@ -26,7 +26,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("peft_pair")
     return {
         "one": make_lora(TINY / "base", root / "one", seed=11, r=4, lora_alpha=8),
-        "two": make_lora(TINY / "base", root / "two", seed=12, r=4, lora_alpha=3, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "two": make_lora(
+            TINY / "base", root / "two", seed=12, r=4, lora_alpha=3, target_modules=["q_proj", "v_proj", "down_proj"]
+        ),
     }
 
 
@@ -54,9 +56,9 @@ def assert_matches_peft(model, merged_name: str, ours: dict) -> None:
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and merged_name in module.lora_A:
             key = f"{name}.lora_A.weight"  # PEFT's module names already carry base_model.model.
-            for part, peft_tensor in (("lora_A", module.lora_A[merged_name].weight), ("lora_B", module.lora_B[merged_name].weight)):
-                got = ours[key.replace("lora_A", part)]
-                torch.testing.assert_close(got, peft_tensor.detach(), rtol=1e-5, atol=1e-6)
+            for part in ("lora_A", "lora_B"):
+                peft_tensor = getattr(module, part)[merged_name].weight.detach()
+                torch.testing.assert_close(ours[key.replace("lora_A", part)], peft_tensor, rtol=1e-5, atol=1e-6)
             checked += 1
     assert checked == len(ours) // 2 > 0
 

@@ -1,4 +1,5 @@
-"""PEFT's factor-wise ``dare_linear`` combination, reproduced exactly (peft 0.21 ``add_weighted_adapter(combination_type="dare_linear")``).
+"""PEFT's factor-wise ``dare_linear`` combination, reproduced exactly:
+peft 0.21 ``add_weighted_adapter(combination_type="dare_linear")``.
 
 PEFT 'dare_linear': Bernoulli(density) drop + 1/density rescale on A's and B's separately, sum.
 See ``soupkit.methods._peft_factorwise`` for the formula, PEFT's quirks kept on purpose, and randomness.

@@ -1,4 +1,5 @@
-"""PEFT's factor-wise ``dare_ties`` combination, reproduced exactly (peft 0.21 ``add_weighted_adapter(combination_type="dare_ties")``).
+"""PEFT's factor-wise ``dare_ties`` combination, reproduced exactly:
+peft 0.21 ``add_weighted_adapter(combination_type="dare_ties")``.
 
 PEFT 'dare_ties': DARE drop-rescale then TIES election on A's and B's separately.
 See ``soupkit.methods._peft_factorwise`` for the formula, PEFT's quirks kept on purpose, and randomness.

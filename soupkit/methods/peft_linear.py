@@ -1,4 +1,5 @@
-"""PEFT's factor-wise ``linear`` combination, reproduced exactly (peft 0.21 ``add_weighted_adapter(combination_type="linear")``).
+"""PEFT's factor-wise ``linear`` combination, reproduced exactly:
+peft 0.21 ``add_weighted_adapter(combination_type="linear")``.
 
 A = sum sgn(c_i) sqrt|c_i| A_i, B = sum sqrt|c_i| B_i (c_i = w_i s_i); cross terms; PEFT 'linear'.
 See ``soupkit.methods._peft_factorwise`` for the formula, PEFT's quirks kept on purpose, and randomness.

@@ -1,4 +1,5 @@
-"""PEFT's factor-wise ``magnitude_prune`` combination, reproduced exactly (peft 0.21 ``add_weighted_adapter(combination_type="magnitude_prune")``).
+"""PEFT's factor-wise ``magnitude_prune`` combination, reproduced exactly:
+peft 0.21 ``add_weighted_adapter(combination_type="magnitude_prune")``.
 
 PEFT 'magnitude_prune': top-density |.| of each A_i and B_i, weighted sums.
 See ``soupkit.methods._peft_factorwise`` for the formula, PEFT's quirks kept on purpose, and randomness.

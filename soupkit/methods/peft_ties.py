@@ -1,4 +1,5 @@
-"""PEFT's factor-wise ``ties`` combination, reproduced exactly (peft 0.21 ``add_weighted_adapter(combination_type="ties")``).
+"""PEFT's factor-wise ``ties`` combination, reproduced exactly:
+peft 0.21 ``add_weighted_adapter(combination_type="ties")``.
 
 PEFT 'ties': TIES (trim, sign, disjoint mean) on the A's and on the B's separately; cross terms.
 See ``soupkit.methods._peft_factorwise`` for the formula, PEFT's quirks kept on purpose, and randomness.

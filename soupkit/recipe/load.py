@@ -60,7 +60,8 @@ def _fields_at(loc: tuple, params_model: type[BaseModel] | None) -> list[str]:
         ("merge", "modules"): ModuleOverride,
     }
     if parent == ("merge",):
-        return list(MergeSpec.model_fields) + (list(params_model.model_fields) if params_model else [])
+        params = [info.alias or name for name, info in params_model.model_fields.items()] if params_model else []
+        return list(MergeSpec.model_fields) + params  # aliases: a recipe writes ``lambda``, not ``lambda_``
     model = models.get(parent)
     return list(model.model_fields) if model else []
 
