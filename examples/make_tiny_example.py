@@ -1,4 +1,4 @@
-"""Build the tiny example shipped in examples/tiny/: a 2-layer Llama base and two LoRA adapters.
+"""Build the tiny example shipped in examples/tiny/: a 2-layer Llama base and three LoRA adapters.
 
     python examples/make_tiny_example.py            # rewrites examples/tiny/
 
