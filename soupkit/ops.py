@@ -90,7 +90,7 @@ def gram_basis(M: torch.Tensor, rtol: float = 1e-13) -> tuple[torch.Tensor, torc
     return evecs[:, keep], evals[keep].sqrt()
 
 
-def factor_svd(f: LoraFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factor_svd(f: LoraFactors, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact thin SVD of ``B @ A`` without forming it (reference/methods.md 4.9).
 
     B = U_b diag(s_b) W_b^T and A^T = U_a diag(s_a) W_a^T come from the eigen-decompositions of the
@@ -99,16 +99,22 @@ def factor_svd(f: LoraFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     construction with the orthonormal bases taken from the Gram matrices, which is several times
     faster than LAPACK's QR on CPU. Cost O((d_out + d_in) R^2 + R^3).
 
+    Args:
+        rank: if given, U and Vh keep only the first ``rank`` directions (S stays whole, for energy).
+
     Returns:
-        U (d_out, k), S (k,) descending, Vh (k, d_in), with k <= min(R, d_out, d_in).
+        U (d_out, k'), S (k,) descending, Vh (k', d_in), with k <= min(R, d_out, d_in), k' = min(k, rank).
     """
     B, A = f.B.double(), f.A.double()  # float64: the Gram matrices square the condition number
     W_b, s_b = gram_basis(B)
     W_a, s_a = gram_basis(A.T)
     core = s_b[:, None] * (W_b.T @ W_a) * s_a[None, :]
     U_c, S, Vh_c = svd(core)
-    U = B @ ((W_b / s_b[None, :]) @ U_c)  # (d_out, k) = U_b U_c
-    Vh = (Vh_c @ (W_a / s_a[None, :]).T) @ A  # (k, d_in) = (U_a V_c)^T
+    if rank is not None:  # only the kept directions reach the tall products
+        U_c, Vh_c = U_c[:, :rank], Vh_c[:rank]
+    # The tall products run in float32 (the outputs are float32); only the small maths needs float64.
+    U = f.B.float() @ ((W_b / s_b[None, :]) @ U_c).float()  # (d_out, k) = U_b U_c
+    Vh = (Vh_c @ (W_a / s_a[None, :]).T).float() @ f.A.float()  # (k, d_in) = (U_a V_c)^T
     return U.float(), S.float(), Vh.float()
 
 
@@ -118,7 +124,7 @@ def truncate_factors(f: LoraFactors, rank: int) -> tuple[LoraFactors, float]:
     Returns:
         balanced factors of rank <= ``rank`` and the fraction of Frobenius energy kept.
     """
-    U, S, Vh = factor_svd(f)
+    U, S, Vh = factor_svd(f, rank)
     k = min(rank, S.shape[0])
     return split_balanced(U[:, :k], S[:k], Vh[:k]), energy_fraction(S, k)
 
