@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -12,26 +13,30 @@ import time
 def measure(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> tuple[float, float, int]:
     """Run ``cmd``; return (wall seconds, peak RSS in MB, exit status). -1 status on timeout.
 
-    ``os.wait4`` gives the rusage of exactly this child, so runs do not contaminate each other.
+    The command runs under GNU ``time -f %M``: Linux keeps a process's peak-RSS mark across
+    fork + exec, so measuring a direct child of this (large) Python process would report at least
+    this process's own RSS. ``time`` is a small process, and it reports its child's peak.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    cmd = ["/usr/bin/time", "-f", "peak-rss-kb %M", *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     deadline = None if timeout is None else start + timeout
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         if deadline is not None and time.perf_counter() > deadline:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # `time` and the command under it
             _, status, usage = os.wait4(proc.pid, 0)
             return time.perf_counter() - start, usage.ru_maxrss / 1024, -1
         time.sleep(0.02)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.returncode != 0:
-        err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-        print(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err}", file=sys.stderr)
-    return wall, usage.ru_maxrss / 1024, proc.returncode
+        print(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}", file=sys.stderr)
+    peaks = [line.split()[1] for line in err.splitlines() if line.startswith("peak-rss-kb ")]
+    return wall, (int(peaks[-1]) / 1024 if peaks else float("nan")), proc.returncode
 
 
 def machine() -> str:
