@@ -130,6 +130,8 @@ def iter_merged(
             if not (all_finite(result.factors.A) and all_finite(result.factors.B)):
                 raise RuntimeError(f"method {method.name} produced non-finite values at {module.path}")
             yield module, pad_rank(result.factors, plan.rank), result.energy_kept
+        for adapter in inputs.adapters:  # unmap this layer's pages: RSS stays flat in adapter size
+            adapter.index.close()
 
 
 def adapter_keys(module: ModulePlan) -> tuple[str, str]:
