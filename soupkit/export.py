@@ -30,6 +30,7 @@ from soupkit.io.base_model import BaseModelInfo, layer_of
 from soupkit.io.sharded import ByteRange, ShardedWriter, TensorSpec, read_range, tensor_ranges
 from soupkit.io.tensor_index import DTYPES
 from soupkit.methods import LoraFactors
+from soupkit.io.resolve import TOKENIZER_FILES
 from soupkit.plan import ModulePlan, Plan
 
 if TYPE_CHECKING:
@@ -41,18 +42,7 @@ MergedModule = tuple[ModulePlan, LoraFactors, float | None]  # what iter_merged 
 QUEUE_DEPTH = 2  # row blocks computed ahead of the writer
 BLOCK_ELEMENTS = 8 * 1024 * 1024  # rows per block are chosen so a float32 block is ~32 MB
 ITEMSIZE = {dt: size for dt, size in DTYPES.values()}  # torch dtype -> bytes per element
-COPIED_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+COPIED_FILES = TOKENIZER_FILES  # generation config and tokenizer files, as fetched from a hub base
 
 
 def add_delta_rows_(rows: torch.Tensor, factors: LoraFactors, lo: int, hi: int, transposed: bool) -> torch.Tensor:
