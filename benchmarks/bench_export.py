@@ -46,11 +46,12 @@ def job_copy(base: Path, adapters: list[Path], out: Path) -> dict:
 
 
 def job_soupkit(base: Path, adapters: list[Path], out: Path, device: str = "cpu") -> dict:
-    import soupkit.execute
-    from soupkit.execute import RunOptions, merge_recipe
+    import soupkit.merge
+    from soupkit.execute import RunOptions
+    from soupkit.merge import merge_recipe
     from soupkit.recipe import Recipe
 
-    sidecars = soupkit.execute.write_sidecars
+    sidecars = soupkit.merge.write_sidecars
     spent = {"lock_seconds": 0.0}
 
     def timed_sidecars(*args: object) -> None:  # the lock file hashes every input and output byte
@@ -58,7 +59,7 @@ def job_soupkit(base: Path, adapters: list[Path], out: Path, device: str = "cpu"
         sidecars(*args)  # type: ignore[arg-type]
         spent["lock_seconds"] += time.perf_counter() - start
 
-    soupkit.execute.write_sidecars = timed_sidecars  # type: ignore[assignment]
+    soupkit.merge.write_sidecars = timed_sidecars  # type: ignore[assignment]
 
     recipe = {
         "base_model": str(base),

@@ -10,7 +10,6 @@ import click
 from soupkit.errors import SoupkitError
 
 
-
 class SoupkitGroup(click.Group):
     """Prints user errors as one line on stderr and exits 2, without a traceback."""
 
@@ -43,8 +42,9 @@ def merge(
 ) -> None:
     """Run RECIPE and write one merged PEFT adapter (or full model)."""
     from soupkit.describe import human_bytes
-    from soupkit.execute import RunOptions, merge_recipe
+    from soupkit.execute import RunOptions
     from soupkit.io.sharded import parse_size
+    from soupkit.merge import merge_recipe
     from soupkit.recipe import load_recipe
 
     loaded = load_recipe(recipe)

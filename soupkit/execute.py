@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from soupkit.errors import RecipeError, SoupkitError
+from soupkit.errors import SoupkitError
 from soupkit.io.adapter import LoraAdapter, check_same_base
 from soupkit.io.base_model import BaseModelInfo
-from soupkit.io.resolve import hub_name, hub_pin, lock_reference, resolve_reference
-from soupkit.io.writer import SafetensorsStreamWriter, atomic_output_dir, check_output_free, dtype_tag
+from soupkit.io.resolve import hub_name, hub_pin, resolve_reference
+from soupkit.io.writer import SafetensorsStreamWriter, dtype_tag
 from soupkit.methods import LoraFactors, MergeContext, get_method
 from soupkit.methods.base import ModuleInputs, RunInputs
 from soupkit.ops import all_finite, pad_rank
@@ -43,16 +42,6 @@ class Inputs:
 
     adapters: list[LoraAdapter]
     base: BaseModelInfo
-
-
-@dataclass
-class MergeReport:
-    """What a merge did: its plan, where it wrote, energy kept per truncated module, seconds."""
-
-    plan: Plan
-    out: Path | None
-    energy_kept: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 def open_inputs(recipe: Recipe) -> Inputs:
@@ -190,53 +179,3 @@ def write_adapter(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pa
                 energy[module.path] = round(kept, 6)
     (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, plan, inputs, out), indent=2) + "\n")
     return energy
-
-
-def merge_recipe(recipe: Recipe, out: Path | None, options: RunOptions = RunOptions()) -> MergeReport:
-    """Run a recipe: plan from headers, then stream the merge into ``out`` atomically.
-
-    With ``options.dry_run`` only the plan is built. Raises SoupkitError for any user error,
-    before anything is written.
-    """
-    start = time.perf_counter()
-    if recipe.output == "model":
-        try:
-            from soupkit.export import export_model
-        except ImportError:
-            raise RecipeError("output", "adapter", "'model'", "full-model export is not available yet; use output: adapter") from None
-    if out is not None:
-        check_output_free(out, options.overwrite)
-    plan, inputs = plan_recipe(recipe)
-    report = MergeReport(plan=plan, out=out)
-    if options.dry_run or out is None:
-        return report
-    resolve_device(options.device)
-    with atomic_output_dir(out, options.overwrite) as tmp:
-        if recipe.output == "model":
-            report.energy_kept = export_model(recipe, plan, inputs, tmp, out, options)
-        else:
-            report.energy_kept = write_adapter(recipe, plan, inputs, tmp, out, options)
-        write_sidecars(recipe, plan, inputs, tmp, out, report)
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def write_sidecars(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Path, report: MergeReport) -> None:
-    """Lock file and model card. Input paths are written relative to ``out`` so the lock reruns."""
-    from soupkit.card import model_card
-    from soupkit.recipe.lock import LOCK_NAME, file_hashes, write_lock
-
-    resolved = recipe.resolved()
-    resolved["base_model"] = lock_reference(inputs.base.directory, out)  # hub inputs pinned to their commit
-    for spec, adapter in zip(resolved["adapters"], inputs.adapters, strict=True):
-        spec["path"] = lock_reference(adapter.directory, out)
-    hashes = {"base_model": file_hashes(inputs.base.files(), inputs.base.directory, header_only=recipe.output == "adapter")}
-    for adapter in inputs.adapters:
-        hashes[adapter.name] = file_hashes(adapter.files(), adapter.directory)
-    summary = {"rank": plan.rank, "modules": len(plan.modules)}
-    if report.energy_kept:
-        summary["energy_kept_min"] = min(report.energy_kept.values())
-        summary["energy_kept"] = report.energy_kept
-    (tmp / "README.md").write_text(model_card(resolved, plan.rank, list(plan.target_modules), recipe.output))
-    outputs = file_hashes(sorted(f for f in tmp.rglob("*") if f.is_file() and f.name != LOCK_NAME), tmp)
-    write_lock(tmp / LOCK_NAME, resolved, hashes, summary, outputs)

@@ -20,22 +20,20 @@ from itertools import chain, groupby
 from operator import itemgetter
 from pathlib import Path
 from queue import Full, Queue
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 
 from soupkit.errors import SoupkitError
+from soupkit.execute import Inputs, RunOptions, iter_merged, resolve_device
 from soupkit.io.adapter import LoraAdapter
 from soupkit.io.base_model import BaseModelInfo, layer_of
+from soupkit.io.resolve import TOKENIZER_FILES
 from soupkit.io.sharded import ByteRange, ShardedWriter, TensorSpec, read_range, tensor_ranges
 from soupkit.io.tensor_index import DTYPES
-from soupkit.methods import LoraFactors
-from soupkit.io.resolve import TOKENIZER_FILES
+from soupkit.ops import LoraFactors
 from soupkit.plan import ModulePlan, Plan
-
-if TYPE_CHECKING:
-    from soupkit.execute import Inputs, RunOptions
-    from soupkit.recipe.schema import Recipe
+from soupkit.recipe.schema import Recipe
 
 T = TypeVar("T")
 MergedModule = tuple[ModulePlan, LoraFactors, float | None]  # what iter_merged yields
@@ -295,8 +293,6 @@ def export_model(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pat
 
     Returns the energy kept per truncated module, as ``write_adapter`` does.
     """
-    from soupkit.execute import iter_merged, resolve_device
-
     base = inputs.base
     ranges = tensor_ranges(base.index.files)
     infos = dict(base.index.infos)

@@ -8,10 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
-from soupkit.methods.base import LoraFactors
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's low-rank update with the scale folded in: ``delta = B @ A``.
+
+    Attributes:
+        A: (r, d_in) float tensor.
+        B: (d_out, r) float tensor.
+        scale: the PEFT scale s already folded into B (1.0 for merged factors). Only the
+            factor-wise ``peft_*`` methods use it, to split s as PEFT does.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
 
 
 @contextmanager

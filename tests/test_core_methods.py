@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, reference_deltas, tiny_recipe, weighted_sum
-from soupkit.execute import RunOptions, merge_recipe
+
+from soupkit.execute import RunOptions
+from soupkit.merge import merge_recipe
 from soupkit.recipe import Recipe
 
 QUIET = RunOptions(progress=False)

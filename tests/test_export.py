@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY, reference_deltas, tiny_recipe, write_recipe
 from safetensors import safe_open
 
-from conftest import TINY, reference_deltas, tiny_recipe, write_recipe
-from soupkit.execute import RunOptions, merge_recipe
+from soupkit.execute import RunOptions
 from soupkit.io.sharded import parse_size, plan_shards, tensor_ranges
 from soupkit.io.tensor_index import TensorIndex
+from soupkit.merge import merge_recipe
 from soupkit.methods import REGISTRY
 from soupkit.recipe import Recipe
 

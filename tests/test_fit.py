@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-
 from conftest import TINY, tiny_recipe, write_recipe
+
 from soupkit.cli import main
 from soupkit.fit.data import IGNORE, load_examples, tokenize_record
 from soupkit.fit.lorahub import cma_es
@@ -155,7 +155,8 @@ def test_fitted_recipe_merges_to_the_fitted_models_logits(fitted: dict) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from soupkit.execute import RunOptions, merge_recipe
+    from soupkit.execute import RunOptions
+    from soupkit.merge import merge_recipe
 
     recipe = load_recipe(fitted["out"])  # a plain recipe: soupkit merge consumes it unchanged
     assert recipe.merge.method == "cat" and len(recipe.merge.modules) == 14

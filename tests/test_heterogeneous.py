@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY
-from soupkit.execute import RunOptions, merge_recipe
+from soupkit.execute import RunOptions
 from soupkit.io.adapter import LoraAdapter
+from soupkit.merge import merge_recipe
 from soupkit.recipe import Recipe
 from soupkit.testing import make_base, make_lora
 

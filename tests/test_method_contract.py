@@ -97,7 +97,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_method_has_a_commented_recipe_that_runs(name: str, tmp_path: Path) -> None:
-    from soupkit.execute import RunOptions, merge_recipe
+    from soupkit.execute import RunOptions
+    from soupkit.merge import merge_recipe
     from soupkit.recipe import load_recipe
 
     path = RECIPES / f"{name}.yaml"

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, reference_deltas, tiny_recipe
-from soupkit.execute import RunOptions, merge_recipe
+
+from soupkit.execute import RunOptions
+from soupkit.merge import merge_recipe
 from soupkit.methods import REGISTRY, LoraFactors, MergeContext
 from soupkit.ops import (
     band_mask,

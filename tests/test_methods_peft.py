@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, tiny_recipe
 from safetensors.torch import load_file
 
-from conftest import TINY, tiny_recipe
 from soupkit.errors import SoupkitError
-from soupkit.execute import RunOptions, merge_recipe
+from soupkit.execute import RunOptions
 from soupkit.io.adapter import LoraAdapter
+from soupkit.merge import merge_recipe
 from soupkit.methods import REGISTRY, LoraFactors, MergeContext
 from soupkit.recipe import Recipe
 from soupkit.testing import make_lora

@@ -13,8 +13,7 @@ import torch
 
 from soupkit.errors import AdapterError, UnsupportedAdapterError
 from soupkit.io.tensor_index import TensorIndex
-from soupkit.methods.base import LoraFactors
-from soupkit.ops import all_finite
+from soupkit.ops import LoraFactors, all_finite
 
 PREFIX = "base_model.model."
 # tensor-key suffix -> (module kind, factor)

@@ -9,13 +9,15 @@ It returns the merged update as factors. The executor owns reading, padding and 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from soupkit.ops import LoraFactors
 
 Space = Literal["factors", "delta"]
 
@@ -28,26 +30,6 @@ class MethodParams(BaseModel):
 
 class NoParams(MethodParams):
     """For methods with no parameters beyond weights and rank."""
-
-
-@dataclass(frozen=True)
-class LoraFactors:
-    """One module's low-rank update with the scale folded in: ``delta = B @ A``.
-
-    Attributes:
-        A: (r, d_in) float tensor.
-        B: (d_out, r) float tensor.
-        scale: the PEFT scale s already folded into B (1.0 for merged factors). Only the
-            factor-wise ``peft_*`` methods use it, to split s as PEFT does.
-    """
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float = 1.0
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from pydantic import Field, model_validator
 
 from soupkit.methods._dense import SCOPE_DOC, DenseMethod, DenseParams, Density, Scope, module_threshold
 from soupkit.methods.base import MergeContext
-from soupkit.methods.registry import register
 from soupkit.ops import band_mask, top_fraction_threshold
 
 
@@ -30,7 +29,6 @@ class BreadcrumbsParams(DenseParams):
         return self
 
 
-@register
 class Breadcrumbs(DenseMethod):
     name = "breadcrumbs"
     paper = "Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, arXiv 2312.06795)"

@@ -8,11 +8,9 @@ Space: factors. Output rank: sum_i r_i. Weights may differ per adapter, per laye
 from __future__ import annotations
 
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
-from soupkit.methods.registry import register
 from soupkit.ops import concat_factors
 
 
-@register
 class Cat(MergeMethod):
     name = "cat"
     space = "factors"

@@ -14,7 +14,6 @@ import torch
 
 from soupkit.methods._dense import DenseMethod, DenseParams, Density, uniform_for
 from soupkit.methods.base import MergeContext
-from soupkit.methods.registry import register
 from soupkit.ops import drop_and_rescale
 
 
@@ -22,7 +21,6 @@ class DareParams(DenseParams):
     density: Density = 0.5
 
 
-@register
 class DareLinear(DenseMethod):
     name = "dare_linear"
     paper = "DARE, Language Models are Super Mario (Yu et al., ICML 2024, arXiv 2311.03099)"

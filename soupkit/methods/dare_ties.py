@@ -14,7 +14,6 @@ from pydantic import Field
 
 from soupkit.methods._dense import SIGN_DOC, DenseMethod, DenseParams, Density, SignRule, uniform_for
 from soupkit.methods.base import MergeContext
-from soupkit.methods.registry import register
 from soupkit.ops import drop_and_rescale
 
 
@@ -23,7 +22,6 @@ class DareTiesParams(DenseParams):
     majority_sign: SignRule = Field("total", description=SIGN_DOC)
 
 
-@register
 class DareTies(DenseMethod):
     name = "dare_ties"
     paper = "DARE (Yu et al., ICML 2024, arXiv 2311.03099) + TIES sign election (arXiv 2306.01708)"

@@ -15,7 +15,6 @@ from pydantic import Field, model_validator
 
 from soupkit.methods._dense import SIGN_DOC, DenseMethod, DenseParams, Density, SignRule, uniform_for
 from soupkit.methods.base import MergeContext
-from soupkit.methods.registry import register
 from soupkit.ops import della_keep_probability, drop_and_rescale
 
 
@@ -34,7 +33,6 @@ class DellaParams(DenseParams):
         return self
 
 
-@register
 class Della(DenseMethod):
     name = "della"
     paper = "DELLA-Merging (Deep, Bhardwaj, Poria 2024, arXiv 2406.11617)"

@@ -18,8 +18,7 @@ from pydantic import Field
 
 from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, DenseParams, Density, Scope, SignRule
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
-from soupkit.methods.registry import register
-from soupkit.ops import disjoint_mean, eigh, drop_and_rescale, elect_sign, trim_to_density, truncate_factors, uniform_like
+from soupkit.ops import disjoint_mean, drop_and_rescale, eigh, elect_sign, trim_to_density, truncate_factors, uniform_like
 
 
 class KnotsParams(DenseParams):
@@ -46,7 +45,6 @@ def aligned_coordinates(factors: list[LoraFactors]) -> tuple[torch.Tensor, list[
     return Q @ U_c, [U_c.T @ C for C in blocks]
 
 
-@register
 class Knots(MergeMethod):
     name = "knots"
     space = "factors"

@@ -25,7 +25,6 @@ import torch
 from pydantic import Field
 
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
-from soupkit.methods.registry import register
 from soupkit.ops import concat_factors, frobenius_norm, kmeans
 
 
@@ -52,7 +51,6 @@ def canonical_units(factors: list[LoraFactors], weights: list[float]) -> tuple[t
     return b[order], a[order]
 
 
-@register
 class Lego(MergeMethod):
     name = "lego"
     space = "factors"

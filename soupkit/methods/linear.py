@@ -8,11 +8,9 @@ Space: factors. Unlike PEFT's ``linear`` (see ``peft_linear``) there are no cros
 from __future__ import annotations
 
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
-from soupkit.methods.registry import register
 from soupkit.ops import concat_factors, truncate_factors
 
 
-@register
 class Linear(MergeMethod):
     name = "linear"
     space = "factors"

@@ -14,7 +14,6 @@ from pydantic import Field
 
 from soupkit.methods._dense import SCOPE_DOC, DenseMethod, DenseParams, Density, Scope, module_threshold
 from soupkit.methods.base import MergeContext
-from soupkit.methods.registry import register
 from soupkit.ops import trim_to_density
 
 
@@ -23,7 +22,6 @@ class MagnitudePruneParams(DenseParams):
     scope: Scope = Field("module", description=SCOPE_DOC)
 
 
-@register
 class MagnitudePrune(DenseMethod):
     name = "magnitude_prune"
     paper = "Magnitude pruning of task vectors (PEFT magnitude_prune; cf. TIES' trim step)"

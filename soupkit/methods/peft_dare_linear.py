@@ -8,10 +8,8 @@ See ``soupkit.methods._peft_factorwise`` for the formula, PEFT's quirks kept on 
 from __future__ import annotations
 
 from soupkit.methods._peft_factorwise import PeftFactorwise, PeftParams
-from soupkit.methods.registry import register
 
 
-@register
 class PeftDareLinear(PeftFactorwise):
     name = "peft_dare_linear"
     paper = "PEFT LoraModel.add_weighted_adapter(combination_type='dare_linear') (huggingface/peft 0.21)"

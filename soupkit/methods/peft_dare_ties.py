@@ -8,10 +8,8 @@ See ``soupkit.methods._peft_factorwise`` for the formula, PEFT's quirks kept on 
 from __future__ import annotations
 
 from soupkit.methods._peft_factorwise import PeftFactorwise, PeftSignParams
-from soupkit.methods.registry import register
 
 
-@register
 class PeftDareTies(PeftFactorwise):
     name = "peft_dare_ties"
     paper = "PEFT LoraModel.add_weighted_adapter(combination_type='dare_ties') (huggingface/peft 0.21)"

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from soupkit.methods._peft_factorwise import PeftFactorwise
 from soupkit.methods.base import NoParams
-from soupkit.methods.registry import register
 
 
-@register
 class PeftLinear(PeftFactorwise):
     name = "peft_linear"
     paper = "PEFT LoraModel.add_weighted_adapter(combination_type='linear') (huggingface/peft 0.21)"

@@ -8,10 +8,8 @@ See ``soupkit.methods._peft_factorwise`` for the formula, PEFT's quirks kept on 
 from __future__ import annotations
 
 from soupkit.methods._peft_factorwise import PeftFactorwise, PeftParams
-from soupkit.methods.registry import register
 
 
-@register
 class PeftMagnitudePrune(PeftFactorwise):
     name = "peft_magnitude_prune"
     paper = "PEFT LoraModel.add_weighted_adapter(combination_type='magnitude_prune') (huggingface/peft 0.21)"

@@ -8,11 +8,9 @@ Unlike PEFT 0.x before #3111, each scale s_i is applied once.
 from __future__ import annotations
 
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
-from soupkit.methods.registry import register
 from soupkit.ops import concat_factors, truncate_factors
 
 
-@register
 class Svd(MergeMethod):
     name = "svd"
     space = "factors"

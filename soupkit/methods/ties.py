@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, DenseMethod, DenseParams, Density, Scope, SignRule, module_threshold
 from soupkit.methods.base import MergeContext
-from soupkit.methods.registry import register
 from soupkit.ops import trim_to_density
-from pydantic import Field
 
 
 class TiesParams(DenseParams):
@@ -27,7 +26,6 @@ class TiesParams(DenseParams):
     scope: Scope = Field("module", description=SCOPE_DOC)
 
 
-@register
 class Ties(DenseMethod):
     name = "ties"
     paper = "TIES-Merging (Yadav et al. 2023, arXiv 2306.01708)"

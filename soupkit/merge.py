@@ -1,0 +1,69 @@
+"""Run a recipe end to end: plan, merge into an adapter (``execute``) or a full model (``export``),
+then write the lock file and model card, all into a temporary folder renamed to OUT at the end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from soupkit.card import model_card
+from soupkit.execute import Inputs, RunOptions, plan_recipe, resolve_device, write_adapter
+from soupkit.export import export_model
+from soupkit.io.resolve import lock_reference
+from soupkit.io.writer import atomic_output_dir, check_output_free
+from soupkit.plan import Plan
+from soupkit.recipe.lock import LOCK_NAME, file_hashes, write_lock
+from soupkit.recipe.schema import Recipe
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: its plan, where it wrote, energy kept per truncated module, seconds."""
+
+    plan: Plan
+    out: Path | None
+    energy_kept: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def merge_recipe(recipe: Recipe, out: Path | None, options: RunOptions = RunOptions()) -> MergeReport:
+    """Run a recipe: plan from headers, then stream the merge into ``out`` atomically.
+
+    With ``options.dry_run`` only the plan is built. Raises SoupkitError for any user error,
+    before anything is written.
+    """
+    start = time.perf_counter()
+    if out is not None:
+        check_output_free(out, options.overwrite)
+    plan, inputs = plan_recipe(recipe)
+    report = MergeReport(plan=plan, out=out)
+    if options.dry_run or out is None:
+        return report
+    resolve_device(options.device)
+    with atomic_output_dir(out, options.overwrite) as tmp:
+        if recipe.output == "model":
+            report.energy_kept = export_model(recipe, plan, inputs, tmp, out, options)
+        else:
+            report.energy_kept = write_adapter(recipe, plan, inputs, tmp, out, options)
+        write_sidecars(recipe, plan, inputs, tmp, out, report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def write_sidecars(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Path, report: MergeReport) -> None:
+    """Lock file and model card. Input paths are written relative to ``out`` so the lock reruns."""
+    resolved = recipe.resolved()
+    resolved["base_model"] = lock_reference(inputs.base.directory, out)  # hub inputs pinned to their commit
+    for spec, adapter in zip(resolved["adapters"], inputs.adapters, strict=True):
+        spec["path"] = lock_reference(adapter.directory, out)
+    hashes = {"base_model": file_hashes(inputs.base.files(), inputs.base.directory, header_only=recipe.output == "adapter")}
+    for adapter in inputs.adapters:
+        hashes[adapter.name] = file_hashes(adapter.files(), adapter.directory)
+    summary = {"rank": plan.rank, "modules": len(plan.modules)}
+    if report.energy_kept:
+        summary["energy_kept_min"] = min(report.energy_kept.values())
+        summary["energy_kept"] = report.energy_kept
+    (tmp / "README.md").write_text(model_card(resolved, plan.rank, list(plan.target_modules), recipe.output))
+    outputs = file_hashes(sorted(f for f in tmp.rglob("*") if f.is_file() and f.name != LOCK_NAME), tmp)
+    write_lock(tmp / LOCK_NAME, resolved, hashes, summary, outputs)
