@@ -20,7 +20,8 @@ from conftest import ROOT, write_recipe
 
 from examples import smollm2
 from soupkit.cli import main
-from soupkit.execute import RunOptions, merge_recipe
+from soupkit.execute import RunOptions
+from soupkit.merge import merge_recipe
 from soupkit.recipe import Recipe
 
 CACHE = Path(os.environ.get("SOUPKIT_MODEL_CACHE", ROOT / ".cache"))
