@@ -7,21 +7,30 @@ import yaml
 from soupkit.methods import get_method
 
 
-def model_card(resolved: dict, rank: int, target_modules: list[str], kind: str) -> str:
-    """A README.md that says what was merged, how, and how to load it; the recipe is embedded."""
+def front_matter(method: str, kind: str, hub_base: str | None) -> str:
+    """The YAML block the Hugging Face Hub reads: base model (hub bases only), library, tags."""
+    meta: dict = {}
+    if hub_base:  # a local directory is no hub id: the Hub would flag it, so it is left out
+        meta["base_model"] = hub_base
+    meta["library_name"] = "peft" if kind == "adapter" else "transformers"
+    meta["tags"] = ["soupkit", "lora", "merge", method]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def model_card(resolved: dict, rank: int, target_modules: list[str], kind: str, hub_base: str | None = None) -> str:
+    """A README.md that says what was merged, how, and how to load it; the recipe is embedded.
+
+    ``hub_base`` is the base model's hub id (``org/name``), or None for a local base.
+    """
     method = get_method(resolved["merge"]["method"])
     names = ", ".join(a["name"] for a in resolved["adapters"])
     recipe = yaml.safe_dump(resolved, sort_keys=False).rstrip()
     load = (
-        "from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, PATH)"
+        "from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(PATH)"
         if kind == "adapter"
         else "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)"
     )
-    return f"""---
-library_name: {"peft" if kind == "adapter" else "transformers"}
-tags: [soupkit, lora, merge, {method.name}]
----
-# Merged {kind}: {names}
+    return f"""{front_matter(method.name, kind, hub_base)}# Merged {kind}: {names}
 
 Made by [soupkit](https://pypi.org/project/soupkit/) with method `{method.name}` ({method.paper}).
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,21 +129,29 @@ def adapter_keys(module: ModulePlan) -> tuple[str, str]:
     return f"{PREFIX}{module.path}.lora_A.weight", f"{PREFIX}{module.path}.lora_B.weight"
 
 
-def base_reference(recipe: Recipe, inputs: Inputs, out: Path) -> str:
-    """How outputs name the base: a hub id (without revision), a local directory relative to ``out``."""
+def base_reference(recipe: Recipe, inputs: Inputs) -> tuple[str, str | None]:
+    """How outputs name the base for loaders: (hub id, commit) for a hub base, else (absolute path, None).
+
+    PEFT's ``AutoPeftModel*`` resolves a relative ``base_model_name_or_path`` against the current
+    folder, not the adapter's, so a local base is written as an absolute path (machine-specific; the
+    lock file keeps the portable relative form).
+    """
     name = hub_name(recipe.base_model)
-    if name and hub_pin(inputs.base.directory):
-        return name
-    return os.path.relpath(inputs.base.directory, out.resolve())
+    pin = hub_pin(inputs.base.directory)
+    if name and pin:
+        return name, pin.rsplit("@", 1)[1]
+    return str(inputs.base.directory.resolve()), None
 
 
-def adapter_config(recipe: Recipe, plan: Plan, inputs: Inputs, out: Path) -> dict:
+def adapter_config(recipe: Recipe, plan: Plan, inputs: Inputs) -> dict:
     """A portable adapter_config.json: scale 1 (lora_alpha == r), one rank, no patterns."""
     task_types = {a.config.get("task_type") for a in inputs.adapters}
+    base, revision = base_reference(recipe, inputs)
     return {
         "peft_type": "LORA",
         "task_type": task_types.pop() if len(task_types) == 1 else None,
-        "base_model_name_or_path": base_reference(recipe, inputs, out),
+        "base_model_name_or_path": base,
+        "revision": revision,  # AutoPeftModel loads the base at this commit
         "r": plan.rank,
         "lora_alpha": plan.rank,
         "target_modules": list(plan.target_modules),
@@ -177,5 +184,5 @@ def write_adapter(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pa
             writer.write(b_key, factors.B)
             if kept is not None:
                 energy[module.path] = round(kept, 6)
-    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, plan, inputs, out), indent=2) + "\n")
+    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, plan, inputs), indent=2) + "\n")
     return energy

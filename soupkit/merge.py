@@ -10,7 +10,7 @@ from pathlib import Path
 from soupkit.card import model_card
 from soupkit.execute import Inputs, RunOptions, plan_recipe, resolve_device, write_adapter
 from soupkit.export import export_model
-from soupkit.io.resolve import lock_reference
+from soupkit.io.resolve import hub_name, hub_pin, lock_reference
 from soupkit.io.writer import atomic_output_dir, check_output_free
 from soupkit.plan import Plan
 from soupkit.recipe.lock import LOCK_NAME, file_hashes, write_lock
@@ -64,6 +64,7 @@ def write_sidecars(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: P
     if report.energy_kept:
         summary["energy_kept_min"] = min(report.energy_kept.values())
         summary["energy_kept"] = report.energy_kept
-    (tmp / "README.md").write_text(model_card(resolved, plan.rank, list(plan.target_modules), recipe.output))
+    hub_base = hub_name(recipe.base_model) if hub_pin(inputs.base.directory) else None
+    (tmp / "README.md").write_text(model_card(resolved, plan.rank, list(plan.target_modules), recipe.output, hub_base))
     outputs = file_hashes(sorted(f for f in tmp.rglob("*") if f.is_file() and f.name != LOCK_NAME), tmp)
     write_lock(tmp / LOCK_NAME, resolved, hashes, summary, outputs)

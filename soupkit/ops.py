@@ -354,7 +354,7 @@ def best_rank_k(
     refined by Q <- orth(D orth(D^T Q)) until the energy of the top
     ``rank`` Ritz directions grows by less than ``tol`` * ||D||_F^2 (at most ``max_iter`` rounds).
     The energy kept is measured against the exact ||D||_F^2 and the returned factors, so it is a true
-    figure, never optimistic; the README benchmark reports its gap to the exact optimum.
+    figure, never optimistic; docs/benchmarks.md reports its gap to the exact optimum.
 
     Returns:
         factors of rank <= ``rank`` and the fraction of Frobenius energy kept.

@@ -111,9 +111,9 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "bad.yaml:3" in result.output and "valid YAML" in result.output
 
 
-def test_readme_documents_every_recipe_field() -> None:
+def test_docs_document_every_recipe_field() -> None:
     from soupkit.describe import recipe_field_rows
 
-    readme = (ROOT / "README.md").read_text()
+    reference = (ROOT / "docs" / "recipe.md").read_text()
     for field, _ in recipe_field_rows():
-        assert f"`{field}`" in readme, f"README's recipe reference lacks {field}"
+        assert f"`{field}`" in reference, f"docs/recipe.md lacks {field}"

@@ -25,7 +25,7 @@ from soupkit.fit.model import CatFitModel, Constraint, Granularity
 
 @dataclass(frozen=True)
 class FitOptions:
-    """Options of ``soupkit fit-alpha`` (defaults suit a few hundred logits; see README)."""
+    """Options of ``soupkit fit-alpha`` (defaults suit a few hundred logits; see docs/fit-alpha.md)."""
 
     steps: int | None = None  # optimizer steps; None: ``epochs`` passes over the data
     epochs: float = 1.0

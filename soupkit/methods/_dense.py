@@ -5,7 +5,7 @@ rule), weight it, combine (weighted sum, or TIES sign election + disjoint mean),
 and write the full-rank result back as the best rank-k LoRA (``ops.best_rank_k``), k = the recipe's
 ``merge.rank`` or, by default, the sum of the input ranks. The Frobenius energy kept is reported.
 
-Conventions (documented in README, ``## Methods``):
+Conventions (documented in docs/methods.md):
 - the sign election runs on the *weighted* sparsified deltas w_i * delta_i (as mergekit), so a
   weight of 0 removes an adapter entirely and negating every weight negates the result;
 - the disjoint merge is the mean over agreeing entries (as the TIES paper and PEFT);

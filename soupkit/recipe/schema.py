@@ -1,7 +1,7 @@
 """The recipe schema (pydantic v2, strict: unknown keys are errors).
 
 Field descriptions here are the single documentation of each field: ``soupkit validate --help``
-and the README's field table are generated from them.
+print them, and a test checks that docs/recipe.md's field table lists every one.
 """
 
 from __future__ import annotations
