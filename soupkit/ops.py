@@ -288,11 +288,6 @@ def disjoint_mean(stack: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return total.div_(count.clamp_min_(1))
 
 
-def uniform_like(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """U[0,1) draws made on the CPU generator, then moved: the same values on every device."""
-    return torch.rand(shape, generator=generator).to(device)
-
-
 def drop_and_rescale(delta: torch.Tensor, keep: torch.Tensor | float, uniform: torch.Tensor) -> torch.Tensor:
     """DARE / DELLA drop: keep each entry with probability ``keep`` (scalar or per entry), rescale by 1/keep.
 
@@ -310,7 +305,7 @@ def della_keep_probability(delta: torch.Tensor, density: float, epsilon: float) 
     the row), clamped to [0, 1]. The row mean is ``density`` before clamping.
     """
     n = delta.shape[-1]
-    order = delta.abs().argsort(dim=-1)
+    order = delta.abs().argsort(dim=-1, stable=True)  # ties ranked by position: the same order on every device
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(n, device=delta.device).expand_as(order))
     rn = ranks.to(delta.dtype) / max(n - 1, 1)

@@ -61,3 +61,13 @@ def weighted_sum(deltas: list[dict[str, torch.Tensor]], weights: list[float]) ->
         for path, d in delta.items():
             out[path] = out.get(path, torch.zeros_like(d)) + w * d
     return out
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``-m gpu`` on a machine without CUDA skips the GPU tests (with the reason) instead of failing them."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

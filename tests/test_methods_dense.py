@@ -24,6 +24,7 @@ from soupkit.ops import (
     trim_to_density,
 )
 from soupkit.recipe import Recipe
+from soupkit.rng import counter_uniform, stream_key
 
 QUIET = RunOptions(progress=False)
 T = torch.tensor
@@ -227,7 +228,7 @@ def test_dare_ties_equals_plain_dare_ties() -> None:
     ctx = MergeContext("model.layers.0.mlp.up_proj", 64, 3, sources=("math", "code"))
     dropped = []
     for f, name in zip((a, b), ("math", "code")):
-        u = torch.rand((8, 6), generator=ctx.generator(f"dare|{name}"))
+        u = counter_uniform((8, 6), stream_key(3, ctx.module, "dare", name), "cpu")
         d = (f.B @ f.A).double()
         dropped.append(torch.where(u < 0.6, d / 0.6, torch.zeros_like(d)))
     want = plain_ties(dropped, [0.9, 0.4], [48, 48], 1.0)

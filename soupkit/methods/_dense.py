@@ -9,7 +9,7 @@ Conventions (documented in docs/methods.md):
 - the sign election runs on the *weighted* sparsified deltas w_i * delta_i (as mergekit), so a
   weight of 0 removes an adapter entirely and negating every weight negates the result;
 - the disjoint merge is the mean over agreeing entries (as the TIES paper and PEFT);
-- random draws come from ``ctx.generator`` salted with the adapter's recipe name.
+- per-element random draws come from ``ctx.uniform`` (counter-based, keyed by the adapter's recipe name).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from pydantic import ConfigDict, Field
 
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
-from soupkit.ops import best_rank_k, dense_delta, disjoint_mean, elect_sign, uniform_like
+from soupkit.ops import best_rank_k, dense_delta, disjoint_mean, elect_sign
 
 Density = Annotated[float, Field(gt=0.0, le=1.0, description="Fraction of entries kept, in (0, 1].")]
 SignRule = Literal["total", "frequency"]
@@ -93,8 +93,8 @@ class DenseMethod(MergeMethod):
 
 
 def uniform_for(delta: torch.Tensor, j: int, ctx: MergeContext, salt: str) -> torch.Tensor:
-    """U[0,1) draws of delta's shape for input j, seeded by (seed, module, adapter name, salt)."""
-    return uniform_like(delta.shape, ctx.generator(f"{salt}|{ctx.source(j)}"), delta.device)
+    """U[0,1) draws of delta's shape for input j, on delta's device, keyed by (seed, module, salt, adapter name)."""
+    return ctx.uniform(delta.shape, delta.device, salt, j)
 
 
 def module_threshold(ctx: MergeContext, j: int, index: int = 0) -> float | None:

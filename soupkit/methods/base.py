@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from soupkit.ops import LoraFactors
+from soupkit.rng import counter_uniform, stream_key
 
 Space = Literal["factors", "delta"]
 
@@ -49,7 +50,7 @@ class MergeContext:
     module: str
     rank: int | None
     seed: int
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     state: Any = None
     sources: tuple[str, ...] = ()
 
@@ -57,8 +58,15 @@ class MergeContext:
         """Name of the j-th input (its position if names are unknown)."""
         return self.sources[j] if j < len(self.sources) else f"#{j}"
 
+    def uniform(self, shape: torch.Size | tuple[int, ...], device: torch.device, salt: str, j: int) -> torch.Tensor:
+        """float32 U[0,1) draws of ``shape`` for input j, made on ``device`` by the counter-based
+        generator (``soupkit.rng``) keyed by (seed, module, salt, adapter name): bit-identical on
+        every device and independent of adapter order. Used for every per-element draw (DARE, DELLA)."""
+        return counter_uniform(shape, stream_key(self.seed, self.module, salt, self.source(j)), device)
+
     def generator(self, salt: str = "") -> torch.Generator:
-        """A generator seeded by (seed, module, salt): independent of order, threads and device."""
+        """A CPU generator seeded by (seed, module, salt), for the few small draws that need torch's
+        samplers (k-means++, PEFT's Bernoulli masks, the range finder's start): device independent."""
         digest = hashlib.sha256(f"{self.seed}|{self.module}|{salt}".encode()).digest()
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, DenseParams, Density, Scope, SignRule
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
-from soupkit.ops import disjoint_mean, drop_and_rescale, eigh, elect_sign, trim_to_density, truncate_factors, uniform_like
+from soupkit.ops import disjoint_mean, drop_and_rescale, eigh, elect_sign, trim_to_density, truncate_factors
 
 
 class KnotsParams(DenseParams):
@@ -73,7 +73,7 @@ class Knots(MergeMethod):
         Z = [z.float() for z in Z64]  # float32 from here: thresholds are exact on float32 bits
         if p.dare_density is not None and p.dare_density < 1.0:
             Z = [
-                drop_and_rescale(z, p.dare_density, uniform_like(z.shape, ctx.generator(f"dare|{ctx.source(j)}"), z.device))
+                drop_and_rescale(z, p.dare_density, ctx.uniform(z.shape, z.device, "dare", j))
                 for j, z in enumerate(Z)
             ]
         return U, Z

@@ -43,12 +43,16 @@ def sha256_header(path: Path) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of what produced the output."""
+    """Versions of what produced the output, including the generator of every random draw
+    (``rng``: rerunning a lock written under another generator gives other DARE/DELLA masks)."""
     import safetensors
     import torch
 
+    from soupkit.rng import RNG_NAME
+
     return {
         "soupkit": str(soupkit.__version__),
+        "rng": RNG_NAME,
         "torch": str(torch.__version__),
         "safetensors": str(safetensors.__version__),
         "python": platform.python_version(),

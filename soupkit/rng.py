@@ -1,0 +1,82 @@
+"""Counter-based random numbers: the same draws on every device, computed where the tensor lives.
+
+Part of the maths layer (imports nothing from soupkit). Element ``i`` (row-major index) of a tensor
+drawn under a 64-bit ``key`` (k0, k1) gets
+
+    x = mix32(mix32(lo(i) ^ k0) ^ k1 ^ hi(i))
+    u = (x >> 8) * 2**-24                                   # float32 in [0, 1), 24-bit mantissa
+
+with ``lo``/``hi`` the low/high 32 bits of i and ``mix32`` Wellons' "lowbias32" integer hash
+(a bijection of 32-bit words with low avalanche bias). Every step is integer arithmetic on int64
+tensors holding 32-bit values, so CPU and GPU give the same bits: products stay below 2**63
+(multipliers above 2**31 are applied as their negative twin c - 2**32, which is equal mod 2**32)
+and each step is masked back to 32 bits. No global RNG, no host generator, no host-device copy.
+
+The key comes from ``stream_key(seed, module, salt, adapter name)`` (sha256 of the parts), so a
+draw depends only on what it is for, never on adapter order, threads or device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+RNG_NAME = "counter-hash-v1"  # recorded in lock files; bump when the draws change
+
+MASK32 = 0xFFFFFFFF
+LOWBIAS32 = ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None))  # (xorshift, then multiplier) steps
+# Elements per pass: int64 work buffers of 2 MB stay in a CPU's L2; a GPU wants long kernels.
+CHUNK = {"cpu": 1 << 18, "other": 1 << 26}
+
+
+def stream_key(*parts: object) -> tuple[int, int]:
+    """Two 32-bit words from sha256 of the parts joined by '|' (e.g. seed, module, salt, name)."""
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return tuple(int.from_bytes(digest[4 * k : 4 * k + 4], "little") for k in range(2))  # type: ignore[return-value]
+
+
+def _signed_multiplier(c: int) -> int:
+    """c or c - 2**32 (equal mod 2**32), whichever is below 2**31 in size: x * m never overflows int64."""
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _mix32(x: torch.Tensor, tmp: torch.Tensor) -> None:
+    """lowbias32 in place on int64 values in [0, 2**32); ``tmp`` is scratch of the same shape."""
+    for shift, mult in LOWBIAS32:
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        x.bitwise_xor_(tmp)
+        if mult is not None:
+            x.mul_(_signed_multiplier(mult)).bitwise_and_(MASK32)
+
+
+def hash_words(start: int, count: int, key: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """32-bit hashes (int64 tensor of ``count``) of element indices start .. start+count-1.
+
+    The range must not cross a multiple of 2**32 (callers chunk by powers of two).
+    """
+    hi, lo = divmod(start, 1 << 32)
+    if lo + count > 1 << 32:
+        raise ValueError("hash_words ranges must not cross a multiple of 2**32")
+    k0, k1 = key
+    x = torch.arange(lo, lo + count, dtype=torch.int64, device=device)
+    tmp = torch.empty_like(x)
+    x.bitwise_xor_(k0)
+    _mix32(x, tmp)
+    x.bitwise_xor_(k1 ^ (hi & MASK32))
+    _mix32(x, tmp)
+    return x
+
+
+def counter_uniform(shape: torch.Size | tuple[int, ...], key: tuple[int, int], device: torch.device | str) -> torch.Tensor:
+    """float32 U[0,1) draws of ``shape`` on ``device``: multiples of 2**-24, bit-identical on every device."""
+    device = torch.device(device)
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    flat = out.view(-1)
+    step = CHUNK["cpu" if device.type == "cpu" else "other"]
+    for start in range(0, flat.numel(), step):
+        n = min(step, flat.numel() - start)
+        words = hash_words(start, n, key, device)
+        # top 24 bits -> float32 exactly (< 2**24), times 2**-24 exactly: no rounding anywhere
+        torch.mul(words.bitwise_right_shift_(8), 2.0**-24, out=flat[start : start + n])
+    return out
