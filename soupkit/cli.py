@@ -96,6 +96,25 @@ def plan(recipe: Path) -> None:
     click.echo(describe_plan(loaded, built))
 
 
+@main.command(epilog="Example: soupkit analyze recipes/ties.yaml -o out/ties-analysis")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output directory (default: ./<recipe name>-analysis).")
+@click.option("--dense", is_flag=True, help="Also form the dense deltas for TIES' sign-conflict fraction (slower).")
+@click.option("--no-base", is_flag=True, help="Skip ||delta||/||W|| (reads the targeted base weights, one at a time).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
+def analyze(recipe: Path, out: Path | None, dense: bool, no_base: bool, overwrite: bool) -> None:
+    """Before merging: norms, pairwise cosines, subspace overlaps and ranks of RECIPE's adapters, per
+    module and per layer, from the factors. Prints a table; writes analysis.json and PNG heatmaps."""
+    from soupkit.analyze import analyze_to, format_table
+    from soupkit.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    out = out or Path(f"{recipe.stem}-analysis")
+    result = analyze_to(loaded, out, dense=dense, base_norms=not no_base, overwrite=overwrite)
+    click.echo(format_table(result))
+    click.echo(f"wrote {out}/analysis.json, table.md and one heatmap per statistic")
+
+
 @main.command(epilog="Example: soupkit methods --brief")
 @click.option("--brief", is_flag=True, help="One line per method.")
 def methods(brief: bool) -> None:
