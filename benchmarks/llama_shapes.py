@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ SHAPES: dict[str, dict[str, int]] = {
     # hidden, layers, intermediate, heads, kv heads, vocab
     "llama-1b": dict(hidden=2048, layers=16, intermediate=8192, heads=32, kv_heads=8, vocab=32000),
     "llama-7b": dict(hidden=4096, layers=32, intermediate=11008, heads=32, kv_heads=32, vocab=32000),
+    "llama3-8b": dict(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
+    "llama3-8b-4layers": dict(hidden=4096, layers=4, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
     "llama-tiny": dict(hidden=256, layers=4, intermediate=512, heads=4, kv_heads=2, vocab=1000),
 }
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -88,8 +91,27 @@ def _random(shape: tuple[int, ...], gen: torch.Generator, std: float) -> torch.T
     return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
 
 
-def build_base(out: Path, shape: str, seed: int = 0, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write a random bf16 base (sharded safetensors + index + config.json) to ``out``."""
+def write_zero_file(path: Path, specs: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """A safetensors file whose data is one sparse hole: every tensor reads as zeros, no disk used.
+
+    For benchmarks of adapter merges, which read the base's headers only (PEFT loads the zeros)."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, (tag, dims) in specs.items():
+        size = 2 * int(torch.tensor(dims).prod())  # BF16
+        header[key] = {"dtype": tag, "shape": list(dims), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + offset)
+
+
+def build_base(out: Path, shape: str, seed: int = 0, shard_bytes: int = SHARD_BYTES, zeros: bool = False) -> Path:
+    """Write a random bf16 base (sharded safetensors + index + config.json) to ``out``.
+
+    ``zeros``: sparse files of zeros instead (seconds, no disk), for runs that never read base values."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = base_tensor_shapes(shape)
     shards: list[dict[str, tuple[int, ...]]] = [{}]
@@ -106,6 +128,10 @@ def build_base(out: Path, shape: str, seed: int = 0, shard_bytes: int = SHARD_BY
     for k, shard in enumerate(shards, start=1):
         name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         specs = {key: ("BF16", dims) for key, dims in shard.items()}
+        if zeros:
+            write_zero_file(out / name, specs)
+            weight_map.update(dict.fromkeys(shard, name))
+            continue
         with SafetensorsStreamWriter(out / name, specs, {"format": "pt"}) as writer:
             for key, dims in shard.items():
                 writer.write(key, _random(dims, gen, 0.02))
@@ -145,15 +171,15 @@ def build_adapter(
 
 
 def ensure_fixture(
-    root: Path, shape: str, n_adapters: int = 2, rank: int = 32, targets: list[str] | None = None
+    root: Path, shape: str, n_adapters: int = 2, rank: int = 32, targets: list[str] | None = None, zero_base: bool = False
 ) -> tuple[Path, list[Path]]:
-    """Build (once) ``root/shape/base`` and ``root/shape/adapter{i}``; reuse them if complete."""
+    """Build (once) ``root/shape/base`` (``base-zeros`` with ``zero_base``) and ``root/shape/adapter{i}``."""
     home = root / shape
-    base = home / "base"
+    base = home / ("base-zeros" if zero_base else "base")
     if not (base / "config.json").is_file():
         shutil.rmtree(base, ignore_errors=True)
-        build_base(base.with_name("base.partial"), shape)
-        base.with_name("base.partial").rename(base)
+        build_base(base.with_name(base.name + ".partial"), shape, zeros=zero_base)
+        base.with_name(base.name + ".partial").rename(base)
     adapters = []
     for i in range(n_adapters):
         adapter = home / f"adapter{i}_r{rank}"

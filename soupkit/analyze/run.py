@@ -16,9 +16,10 @@ from itertools import combinations
 
 import torch
 
-from soupkit.analyze.stats import factor_bases, inner, numerical_rank, overlap, sign_conflict
+from soupkit.analyze.stats import Grams, factor_bases, gram_rank, sign_conflict, subspace_overlaps
 from soupkit.execute import Inputs, load_sources, plan_recipe, source_names
 from soupkit.methods import LoraFactors
+from soupkit.ops import single_thread
 from soupkit.plan import ModulePlan
 from soupkit.recipe.schema import Recipe
 
@@ -30,18 +31,16 @@ def module_record(
     module: ModulePlan, names: tuple[str, ...], factors: list[LoraFactors], weights: list[float], dense_density: float | None, dense: bool
 ) -> dict:
     """Statistics of one module (see ``soupkit.analyze.stats`` for the formulas)."""
-    norms = [math.sqrt(max(inner(f.B, f.A, f.B, f.A), 0.0)) for f in factors]
-    bases = [factor_bases(f.B, f.A) for f in factors]
+    grams = Grams.of([f.B for f in factors], [f.A for f in factors])
+    norms = [math.sqrt(max(grams.inner(i, i), 0.0)) for i in range(len(factors))]
+    bases = [factor_bases(grams, i) for i in range(len(factors))]
     pairs = []
     for i, j in combinations(range(len(factors)), 2):
-        ip = inner(factors[i].B, factors[i].A, factors[j].B, factors[j].A)
+        ip = grams.inner(i, j)
         cosine = ip / (norms[i] * norms[j]) if norms[i] > 0 and norms[j] > 0 else float("nan")
-        col, col_max = overlap(bases[i].U, bases[j].U)
-        row, row_max = overlap(bases[i].V, bases[j].V)
+        (col, col_max), (row, row_max) = subspace_overlaps(grams, bases, i, j)
         pairs.append({"pair": [names[i], names[j]], "cosine": cosine, "col_overlap": col, "col_max_cos": col_max,
                       "row_overlap": row, "row_max_cos": row_max})  # fmt: skip
-    B_stack = torch.cat([f.B for f in factors], dim=1)
-    A_stack = torch.cat([f.A for f in factors], dim=0)
     record = {
         "path": module.path,
         "layer": module.layer,
@@ -53,7 +52,7 @@ def module_record(
         "norm": dict(zip(names, norms, strict=True)),
         "pairs": pairs,
         "cat_rank": sum(f.rank for f in factors),  # what `cat` writes: R = sum r_i
-        "core_rank": min(numerical_rank(B_stack), numerical_rank(A_stack)),  # dimension of the core space
+        "core_rank": min(gram_rank(grams.G_B), gram_rank(grams.G_A)),  # dimension of the core space
     }
     if dense:
         deltas = [w * (f.B.double() @ f.A.double()) for f, w in zip(factors, weights, strict=True)]
@@ -101,6 +100,12 @@ def summarise(label: str | int, records: list[dict], names: list[str]) -> dict:
 def analyze_recipe(recipe: Recipe, dense: bool = False, base_norms: bool = True) -> dict:
     """Statistics of every planned module with at least one adapter, layer by layer (memory: one
     module's factors, plus its dense deltas with ``dense``, plus one base weight with ``base_norms``)."""
+    # Small tensors and r x r LAPACK calls: one thread is much faster on a busy CPU (ops.single_thread).
+    with single_thread():
+        return _analyze(recipe, dense, base_norms)
+
+
+def _analyze(recipe: Recipe, dense: bool, base_norms: bool) -> dict:
     plan, inputs = plan_recipe(recipe)
     names = [a.name for a in recipe.adapters]
     density = getattr(recipe.merge.params, "density", None)

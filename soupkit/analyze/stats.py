@@ -6,6 +6,8 @@ For delta_i = B_i A_i (B_i (d_out, r_i), A_i (r_i, d_in), scale folded into B):
 - orthonormal bases of the column and row spaces of delta_i (its left / right singular vectors with
   s > RANK_RTOL * s_1), from the eigen-decompositions of the small Gram matrices;
 - principal angles between two spaces: cos(theta_k) = singular values of U_i^T U_j.
+All of it comes from the two Gram matrices of the stacked factors (``Grams``): one pass over the
+factors per module, then R x R maths (R = sum r_i).
 Only ``sign_conflict`` forms dense (d_out, d_in) matrices (``soupkit analyze --dense``).
 """
 
@@ -19,62 +21,93 @@ RANK_RTOL = 1e-6  # singular values below this fraction of the largest count as 
 
 
 @dataclass(frozen=True)
-class Bases:
-    """Orthonormal bases of a delta's column space U (d_out, k) and row space V (d_in, k), float64."""
+class Grams:
+    """Gram matrices of one module's stacked factors, float64: everything else is r x r maths on them.
 
-    U: torch.Tensor
-    V: torch.Tensor
+    G_B = B_stack^T B_stack and G_A = A_stack A_stack^T (R x R, R = sum r_i), B_stack = [B_1 ... B_n],
+    A_stack = [A_1; ...; A_n]; block (i, j) is B_i^T B_j (resp. A_i A_j^T). Cost O((d_out + d_in) R^2).
+    """
+
+    G_B: torch.Tensor
+    G_A: torch.Tensor
+    offsets: list[int]  # block i is rows/columns offsets[i]:offsets[i + 1]
+
+    @classmethod
+    def of(cls, Bs: list[torch.Tensor], As: list[torch.Tensor]) -> Grams:
+        B = torch.cat([b.double() for b in Bs], dim=1)
+        A = torch.cat([a.double() for a in As], dim=0)
+        offsets = [0]
+        for a in As:
+            offsets.append(offsets[-1] + a.shape[0])
+        return cls(B.T @ B, A @ A.T, offsets)
+
+    def block(self, G: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        o = self.offsets
+        return G[o[i] : o[i + 1], o[j] : o[j + 1]]
+
+    def inner(self, i: int, j: int) -> float:
+        """<B_i A_i, B_j A_j>_F = trace((B_i^T B_j)(A_j A_i^T)) = sum((B_i^T B_j) * (A_i A_j^T))."""
+        return float((self.block(self.G_B, i, j) * self.block(self.G_A, i, j)).sum())
+
+
+@dataclass(frozen=True)
+class Bases:
+    """Orthonormal bases of delta_i's column space, U = B_i M_u, and row space, V = A_i^T M_v, given by
+    their coordinates M_u, M_v (r_i, k) so that inner products of bases need only Gram blocks."""
+
+    M_u: torch.Tensor
+    M_v: torch.Tensor
 
     @property
     def rank(self) -> int:
-        return int(self.U.shape[1])
+        return int(self.M_u.shape[1])
 
 
-def _gram_eig(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvectors W (R, k) and singular values s (k,) of a tall M (n, R), from M^T M; zeros dropped."""
-    evals, evecs = torch.linalg.eigh(M.T @ M)
+def _gram_eig(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors W (r, k) and singular values s (k,) of M from G = M^T M; exact zeros dropped."""
+    evals, evecs = torch.linalg.eigh(G)
     keep = evals > max(float(evals.max()), 0.0) * 1e-24 if evals.numel() else evals > 0
     keep &= evals > 0
     return evecs[:, keep], evals[keep].sqrt()
 
 
-def factor_bases(B: torch.Tensor, A: torch.Tensor) -> Bases:
-    """Column and row bases of B @ A without forming it: B = Q_b R_b, A^T = Q_a R_a (orthonormal Q from
-    the Gram matrices), SVD of the small core R_b R_a^T = U_c S V_c^T, U = Q_b U_c, V = Q_a V_c."""
-    B, A = B.double(), A.double()
-    W_b, s_b = _gram_eig(B)
-    W_a, s_a = _gram_eig(A.T)
+def factor_bases(grams: Grams, i: int) -> Bases:
+    """Column and row bases of B_i A_i without forming it: B_i = Q_b diag(s_b) W_b^T, A_i^T = Q_a diag(s_a) W_a^T
+    (eigen-decompositions of the Gram blocks), SVD of the core diag(s_b) W_b^T W_a diag(s_a) = U_c S V_c^T,
+    U = Q_b U_c = B_i (W_b / s_b) U_c, V = Q_a V_c = A_i^T (W_a / s_a) V_c; directions with S <= RANK_RTOL S_1 dropped."""
+    W_b, s_b = _gram_eig(grams.block(grams.G_B, i, i))
+    W_a, s_a = _gram_eig(grams.block(grams.G_A, i, i))
     core = s_b[:, None] * (W_b.T @ W_a) * s_a[None, :]
     if core.numel() == 0:
-        return Bases(B.new_zeros(B.shape[0], 0), A.new_zeros(A.shape[1], 0))
+        empty = grams.G_B.new_zeros(grams.offsets[i + 1] - grams.offsets[i], 0)
+        return Bases(empty, empty)
     U_c, S, Vh_c = torch.linalg.svd(core, full_matrices=False)
     keep = S > S[0] * RANK_RTOL
-    U = B @ ((W_b / s_b[None, :]) @ U_c[:, keep])
-    V = A.T @ ((W_a / s_a[None, :]) @ Vh_c[keep].T)
-    return Bases(U, V)
+    return Bases((W_b / s_b[None, :]) @ U_c[:, keep], (W_a / s_a[None, :]) @ Vh_c[keep].T)
 
 
-def inner(B_i: torch.Tensor, A_i: torch.Tensor, B_j: torch.Tensor, A_j: torch.Tensor) -> float:
-    """<B_i A_i, B_j A_j>_F = sum((B_i^T B_j) * (A_i A_j^T)), in float64."""
-    return float(((B_i.double().T @ B_j.double()) * (A_i.double() @ A_j.double().T)).sum())
-
-
-def overlap(X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float]:
-    """Two summaries of the principal angles between span(X) and span(Y) (orthonormal columns):
-    mean cos^2 over min(k_x, k_y) angles (1: one space holds the other; ~k_y/d for random spaces),
-    and the largest cosine cos(theta_1). (nan, nan) if either space is empty."""
-    k = min(X.shape[1], Y.shape[1])
+def overlap(cross: torch.Tensor) -> tuple[float, float]:
+    """Two summaries of the principal angles between two spaces, given X^T Y (k_x, k_y) of their
+    orthonormal bases: mean cos^2 over min(k_x, k_y) angles (1: one space holds the other; about
+    k_y / d for random spaces), and the largest cosine cos(theta_1). (nan, nan) if a space is empty."""
+    k = min(cross.shape)
     if k == 0:
         return float("nan"), float("nan")
-    cosines = torch.linalg.svdvals(X.T @ Y).clamp(max=1.0)
+    cosines = torch.linalg.svdvals(cross).clamp(max=1.0)
     return float(cosines.square().sum()) / k, float(cosines[0])
 
 
-def numerical_rank(M: torch.Tensor) -> int:
-    """Rank of a tall or wide matrix from its smaller Gram matrix (s > RANK_RTOL * s_1)."""
-    M = M.double()
-    gram = M.T @ M if M.shape[0] >= M.shape[1] else M @ M.T
-    evals = torch.linalg.eigvalsh(gram).clamp_min(0)
+def subspace_overlaps(grams: Grams, bases: list[Bases], i: int, j: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Column-space and row-space ``overlap`` of delta_i and delta_j: U_i^T U_j = M_u,i^T (B_i^T B_j) M_u,j,
+    V_i^T V_j = M_v,i^T (A_i A_j^T) M_v,j."""
+    col = bases[i].M_u.T @ grams.block(grams.G_B, i, j) @ bases[j].M_u
+    row = bases[i].M_v.T @ grams.block(grams.G_A, i, j) @ bases[j].M_v
+    return overlap(col), overlap(row)
+
+
+def gram_rank(G: torch.Tensor) -> int:
+    """Rank of M from G = M^T M: eigenvalues above RANK_RTOL^2 times the largest (s > RANK_RTOL s_1)."""
+    evals = torch.linalg.eigvalsh(G).clamp_min(0)
     if evals.numel() == 0 or float(evals.max()) == 0.0:
         return 0
     return int((evals > float(evals.max()) * RANK_RTOL**2).sum())
