@@ -24,11 +24,11 @@ from soupkit.io.writer import SafetensorsStreamWriter
 
 SHAPES: dict[str, dict[str, int]] = {
     # hidden, layers, intermediate, heads, kv heads, vocab
-    "llama-1b": dict(hidden=2048, layers=16, intermediate=8192, heads=32, kv_heads=8, vocab=32000),
-    "llama-7b": dict(hidden=4096, layers=32, intermediate=11008, heads=32, kv_heads=32, vocab=32000),
-    "llama3-8b": dict(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
-    "llama3-8b-4layers": dict(hidden=4096, layers=4, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
-    "llama-tiny": dict(hidden=256, layers=4, intermediate=512, heads=4, kv_heads=2, vocab=1000),
+    "llama-1b": {"hidden": 2048, "layers": 16, "intermediate": 8192, "heads": 32, "kv_heads": 8, "vocab": 32000},
+    "llama-7b": {"hidden": 4096, "layers": 32, "intermediate": 11008, "heads": 32, "kv_heads": 32, "vocab": 32000},
+    "llama3-8b": {"hidden": 4096, "layers": 32, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256},
+    "llama3-8b-4layers": {"hidden": 4096, "layers": 4, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256},
+    "llama-tiny": {"hidden": 256, "layers": 4, "intermediate": 512, "heads": 4, "kv_heads": 2, "vocab": 1000},
 }
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARD_BYTES = 2 * 1024**3

@@ -15,7 +15,8 @@ import torch
 import yaml
 from conftest import ROOT, reference_deltas
 
-from soupkit.execute import RunOptions, merge_recipe
+from soupkit.execute import RunOptions
+from soupkit.merge import merge_recipe
 from soupkit.methods import REGISTRY, MergeContext
 from soupkit.methods._dense import DenseMethod
 from soupkit.recipe import Recipe

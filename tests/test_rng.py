@@ -12,7 +12,8 @@ import yaml
 from conftest import tiny_recipe
 
 from soupkit import rng
-from soupkit.execute import RunOptions, merge_recipe
+from soupkit.execute import RunOptions
+from soupkit.merge import merge_recipe
 from soupkit.methods import MergeContext
 from soupkit.ops import della_keep_probability, drop_and_rescale
 from soupkit.recipe import Recipe
