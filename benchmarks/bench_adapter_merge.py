@@ -38,9 +38,10 @@ def soupkit_row(base: Path, adapters: list[Path], method: str, work: Path, extra
     return (*result, nbytes)
 
 
-def peft_row(base: Path, adapters: list[Path], combination: str, work: Path, timeout: float | None) -> tuple:
+def peft_row(base: Path, adapters: list[Path], combination: str, work: Path, timeout: float | None, device: str = "cpu") -> tuple:
     out = work / f"peft-{combination}"
-    cmd = [sys.executable, str(HERE / "peft_merge_child.py"), str(base), str(out), combination, *map(str, adapters)]
+    where = ["--device", device] if device != "cpu" else []
+    cmd = [sys.executable, str(HERE / "peft_merge_child.py"), *where, str(base), str(out), combination, *map(str, adapters)]
     result = measure(cmd, timeout=timeout)
     shutil.rmtree(out, ignore_errors=True)
     return result

@@ -1,6 +1,14 @@
 """Merge-method benchmark: soupkit ties / dare_ties / lego vs PEFT's ties_svd / dare_ties_svd.
 
     python -m benchmarks.bench_methods [--root /tmp/soupkit-bench] [--peft-timeout 600] [--no-full-peft]
+    python -m benchmarks.bench_methods --rows --shape llama3-8b-4layers --device cuda --zero-base \
+        --methods ties dare_ties ties_core tsv --peft ties_svd dare_ties_svd
+
+``--rows`` mode: one whole-process row per run in ``--methods`` (names of ``RUNS``: a method, or a method
+in core space such as ``ties_core``) and per PEFT combination in ``--peft``, all on ``--shape``, with the
+maths on ``--device``; PEFT rows also give PEFT's merge call alone (``add_weighted_adapter``).
+``--zero-base`` builds the base as sparse zero files: adapter merges read only its headers (PEFT loads
+the zeros), so the figures are the same and the fixture costs seconds.
 
 Llama-1B shape (hidden 2048, 16 layers, intermediate 8192), two rank-32 bf16 adapters on all 7 linear
 modules, density 0.2, output rank 32 (PEFT's default for *_svd: the largest input rank). Each row is one
@@ -31,22 +39,35 @@ from benchmarks.measure import machine, measure
 
 DENSITY, RANK = 0.2, 32
 METHODS = {"ties": {"density": DENSITY}, "dare_ties": {"density": DENSITY}, "lego": {}}
+RUNS: dict[str, dict] = {  # name -> merge: section (rank RANK added, except for cat, which writes sum r_i)
+    "cat": {"method": "cat"},
+    "ties": {"method": "ties", "density": DENSITY, "rank": RANK},
+    "dare_ties": {"method": "dare_ties", "density": DENSITY, "rank": RANK},
+    "lego": {"method": "lego", "rank": RANK},
+    "ties_core": {"method": "ties", "space": "core", "density": DENSITY, "rank": RANK},
+    "tsv": {"method": "tsv", "rank": RANK},
+    "tsv_core": {"method": "tsv", "space": "core", "rank": RANK},
+    "iso_c": {"method": "iso_c", "rank": RANK},
+}
 PEFT = ("ties_svd", "dare_ties_svd")
 SHAPES["llama-1b-1layer"] = {**SHAPES["llama-1b"], "layers": 1}
 
 
-def soupkit_row(base: Path, adapters: list[Path], method: str, work: Path) -> tuple[float, float, int, str]:
+def soupkit_row(
+    base: Path, adapters: list[Path], method: str, work: Path, merge: dict | None = None, device: str = "cpu"
+) -> tuple[float, float, int, str]:
     """(wall s, peak RSS MB, status, energy note) of one ``soupkit merge`` process."""
     recipe = {
         "base_model": str(base),
         "adapters": [{"name": f"a{i}", "path": str(p)} for i, p in enumerate(adapters)],
-        "merge": {"method": method, "rank": RANK, **METHODS[method]},
+        "merge": merge or {"method": method, "rank": RANK, **METHODS[method]},
         "dtype": "bfloat16",
     }
     path = work / f"{method}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     out = work / f"soupkit-{method}"
-    wall, rss, status = measure([sys.executable, "-m", "soupkit", "merge", str(path), "-o", str(out), "--quiet"])
+    cmd = [sys.executable, "-m", "soupkit", "merge", str(path), "-o", str(out), "--quiet", "--device", device]
+    wall, rss, status = measure(cmd)
     note = ""
     lock = out / "soupkit.lock.yaml"
     if lock.is_file():
@@ -83,12 +104,42 @@ def accuracy_line(base: Path, adapters: list[Path]) -> str:
     return "best rank-32 energy kept (ties, layer 0): " + "; ".join(parts)
 
 
+def rows(args: argparse.Namespace) -> None:
+    """``--rows`` mode: the requested runs on one shape, side by side."""
+    import benchmarks.measure as measured
+
+    print(f"machine: {machine()}; device {args.device}; shape {args.shape} {SHAPES[args.shape]}")
+    base, adapters = ensure_fixture(args.root, args.shape, n_adapters=2, rank=32, zero_base=args.zero_base)
+    work = Path(tempfile.mkdtemp(prefix="soupkit-bench-rows-"))
+    print("| run | merge section | wall | peak RSS | note |")
+    print("|---|---|---|---|---|", flush=True)
+    for name in args.methods:
+        merge = RUNS[name]
+        wall, rss, status, note = soupkit_row(base, adapters, name, work, merge, args.device)
+        print(f"| soupkit {name} | `{merge}` | {fmt(wall, rss, status)} | {note} |", flush=True)
+    for combo in args.peft:
+        wall, rss, status = peft_row(base, adapters, combo, work, args.peft_timeout, args.device)
+        call = [line.split()[1] for line in measured.LAST_STDERR.splitlines() if line.startswith("merge-call-s ")]
+        note = f"add_weighted_adapter alone: {call[-1]} s" if call else ""
+        print(f"| PEFT {combo} (load, merge, save) | density {DENSITY}, density-free for svd | {fmt(wall, rss, status)} | {note} |", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "soupkit-bench")
     parser.add_argument("--peft-timeout", type=float, default=600.0)
     parser.add_argument("--no-full-peft", action="store_true", help="skip PEFT on the whole model")
+    parser.add_argument("--rows", action="store_true", help="side-by-side rows on one shape (see the module doc)")
+    parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--zero-base", action="store_true")
+    parser.add_argument("--methods", nargs="*", default=["cat", "ties", "ties_core"], choices=sorted(RUNS))
+    parser.add_argument("--peft", nargs="*", default=[], choices=list(PEFT))
     args = parser.parse_args()
+    if args.rows:
+        rows(args)
+        return
     print(f"machine: {machine()}")
     base, adapters = ensure_fixture(args.root, "llama-1b", n_adapters=2, rank=32)
     small_base, small_adapters = ensure_fixture(args.root, "llama-1b-1layer", n_adapters=2, rank=32)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+LAST_STDERR = ""  # stderr of the last measured command (children may print extra timings there)
+
 
 def measure(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> tuple[float, float, int]:
     """Run ``cmd``; return (wall seconds, peak RSS in MB, exit status). -1 status on timeout.
@@ -17,8 +19,10 @@ def measure(cmd: list[str], timeout: float | None = None, env: dict | None = Non
     fork + exec, so measuring a direct child of this (large) Python process would report at least
     this process's own RSS. ``time`` is a small process, and it reports its child's peak.
     """
+    global LAST_STDERR
     start = time.perf_counter()
-    cmd = ["/usr/bin/time", "-f", "peak-rss-kb %M", *cmd]
+    if os.path.exists("/usr/bin/time"):  # absent on some machines: then RSS is os.wait4's (see above)
+        cmd = ["/usr/bin/time", "-f", "peak-rss-kb %M", *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     deadline = None if timeout is None else start + timeout
     while True:
@@ -33,10 +37,11 @@ def measure(cmd: list[str], timeout: float | None = None, env: dict | None = Non
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode() if proc.stderr else ""
+    LAST_STDERR = err
     if proc.returncode != 0:
         print(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}", file=sys.stderr)
     peaks = [line.split()[1] for line in err.splitlines() if line.startswith("peak-rss-kb ")]
-    return wall, (int(peaks[-1]) / 1024 if peaks else float("nan")), proc.returncode
+    return wall, (int(peaks[-1]) / 1024 if peaks else usage.ru_maxrss / 1024), proc.returncode
 
 
 def machine() -> str:
