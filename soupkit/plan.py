@@ -150,7 +150,7 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
     rest = tuple(m for m in modules if m.layer is None)
     if rest:
         layers.append(LayerPlan(None, rest))
-    dense = method.space == "delta"
+    dense = method.forms_dense(recipe.merge.params)
     full = recipe.output == "model"  # a full model reads and writes every base tensor
     base_bytes = sum(info.nbytes for info in base.index.infos.values())
     return Plan(

@@ -4,6 +4,8 @@ Per module: form each delta_i = s_i B_i A_i (d_out, d_in) densely, sparsify it (
 rule), weight it, combine (weighted sum, or TIES sign election + disjoint mean), scale by lambda,
 and write the full-rank result back as the best rank-k LoRA (``ops.best_rank_k``), k = the recipe's
 ``merge.rank`` or, by default, the sum of the input ranks. The Frobenius energy kept is reported.
+With ``space: core`` the same sparsify / combine rule runs on the R x R core matrices instead
+(``soupkit.methods._core``): no dense matrix, and the result is a LoRA of rank <= R, exact in M.
 
 Conventions (documented in docs/methods.md):
 - the sign election runs on the *weighted* sparsified deltas w_i * delta_i (as mergekit), so a
@@ -14,11 +16,13 @@ Conventions (documented in docs/methods.md):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import ConfigDict, Field
 
+from soupkit.methods._core import SPACE_DOC, MergeSpace, core_matrices
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
 from soupkit.ops import best_rank_k, dense_delta, disjoint_mean, elect_sign
 
@@ -30,12 +34,23 @@ SIGN_DOC = "Sign election: 'total' = sign of the sum of values, 'frequency' = si
 SCOPE_DOC = "Top-k per module, or 'global' over each adapter's whole task vector (TIES/KnOTS as published)."
 
 
-class DenseParams(MethodParams):
-    """Parameters every dense method shares. ``lambda`` is spelled as in the papers."""
+class ScaledParams(MethodParams):
+    """Parameters with ``lambda``, the scale of the merged update, spelled as in the papers."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
 
     lambda_: float = Field(1.0, alias="lambda", description="Scale of the merged update (TIES' lambda).")
+
+
+class DenseParams(ScaledParams):
+    """Parameters every dense method shares: ``lambda`` and the space the rule runs in."""
+
+    space: MergeSpace = Field("full", description=SPACE_DOC)
+
+
+def in_core(params: MethodParams) -> bool:
+    """True when the recipe asks for ``space: core`` (methods without a ``space`` key: False)."""
+    return getattr(params, "space", "full") == "core"
 
 
 class DenseMethod(MergeMethod):
@@ -45,7 +60,13 @@ class DenseMethod(MergeMethod):
     combine: Literal["sum", "ties"] = "sum"
 
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
-        return budget if budget is not None else sum(input_ranks)
+        total = sum(input_ranks)
+        if in_core(params):  # U M V has rank <= R
+            return total if budget is None else min(budget, total)
+        return budget if budget is not None else total
+
+    def forms_dense(self, params: MethodParams) -> bool:
+        return not in_core(params)
 
     def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:
         """The method's per-adapter rule on the dense delta of input j (default: keep all)."""
@@ -62,6 +83,8 @@ class DenseMethod(MergeMethod):
         from soupkit.methods._global import global_thresholds
 
         def magnitudes(mod: ModuleInputs) -> list[torch.Tensor]:
+            if in_core(params):
+                return [M.abs() for M in core_matrices(mod.factors, mod.weights)[1]]
             return [dense_delta(f).abs() for f in mod.factors]
 
         return global_thresholds(run, magnitudes, fractions)
@@ -69,8 +92,11 @@ class DenseMethod(MergeMethod):
     def merge(
         self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
     ) -> MergeResult:
-        merged = self.dense_merge(factors, weights, params, ctx)
         rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
+        if in_core(params):
+            space, cores = core_matrices(factors, weights)
+            return space.lift(self.combine_coordinates(lambda j: cores[j], weights, params, ctx), rank)
+        merged = self.dense_merge(factors, weights, params, ctx)
         seed = int(ctx.generator("range-finder").initial_seed())
         start = torch.cat([f.A for f in factors], dim=0).T  # the inputs' row space: a close first guess
         out, energy = best_rank_k(merged, rank, start=start, seed=seed)
@@ -80,10 +106,22 @@ class DenseMethod(MergeMethod):
         self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
     ) -> torch.Tensor:
         """The merged update before re-factorisation, (d_out, d_in) float32."""
+        return self.combine_coordinates(lambda j: dense_delta(factors[j]), weights, params, ctx)
+
+    def combine_coordinates(
+        self, coordinates: Callable[[int], torch.Tensor], weights: list[float], params: MethodParams, ctx: MergeContext
+    ) -> torch.Tensor:
+        """The rule on one coordinate matrix per input (a dense delta or a core matrix), made one at a
+        time by ``coordinates(j)``: sparsify, weight, combine, x lambda. Same shape as the inputs."""
         p: Any = params
-        stack = factors[0].A.new_empty(len(factors), factors[0].B.shape[0], factors[0].A.shape[1])
-        for j, (f, w) in enumerate(zip(factors, weights, strict=True)):
-            torch.mul(self.sparsify(dense_delta(f), j, p, ctx), w, out=stack[j])  # no extra copy
+        stack: torch.Tensor | None = None
+        for j, w in enumerate(weights):
+            x = self.sparsify(coordinates(j), j, p, ctx)
+            if stack is None:
+                stack = x.new_empty(len(weights), *x.shape)
+            torch.mul(x, w, out=stack[j])  # no extra copy
+            del x
+        assert stack is not None, "a module is merged only when at least one adapter targets it"
         if self.combine == "ties":
             merged = disjoint_mean(stack, elect_sign(stack, p.majority_sign))
         else:

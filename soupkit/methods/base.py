@@ -116,12 +116,19 @@ class MergeMethod(ABC):
     Params: ClassVar[type[MethodParams]] = NoParams
     # Parameters under which one adapter with weight 1 comes back unchanged (contract tests).
     identity_params: ClassVar[dict] = {}
+    # True for rules that flatten the spectrum (Iso-C): only an update whose nonzero singular values
+    # are all equal is a fixed point, so the contract tests' identity check uses such an input.
+    identity_needs_flat_spectrum: ClassVar[bool] = False
     # False for methods whose result depends on adapter order beyond float rounding.
     order_invariant: ClassVar[bool] = True
 
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
         """Upper bound of the merged rank of one module, from header information only."""
         return budget if budget is not None else sum(input_ranks)
+
+    def forms_dense(self, params: MethodParams) -> bool:
+        """Whether merging one module builds d_out x d_in matrices (memory estimate of ``plan``)."""
+        return self.space == "delta"
 
     def check_inputs(self, input_ranks: list[list[int]], params: MethodParams) -> str | None:
         """Return why these adapters cannot be merged by this method (or None).

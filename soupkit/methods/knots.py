@@ -16,12 +16,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, DenseParams, Density, Scope, SignRule
+from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, Density, ScaledParams, Scope, SignRule
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
 from soupkit.ops import disjoint_mean, drop_and_rescale, eigh, elect_sign, trim_to_density, truncate_factors
 
 
-class KnotsParams(DenseParams):
+class KnotsParams(ScaledParams):
     density: Density = Field(1.0, description="Fraction of each Z_i kept by magnitude (1 = no trim, as the Llama configs).")
     dare_density: float | None = Field(
         None, gt=0.0, le=1.0, description="If set, DARE keep probability applied to Z_i before trimming (KnOTS-DARE-TIES)."

@@ -3,12 +3,23 @@
 delta = sum_i w_i s_i B_i A_i, re-factorised to ``merge.rank`` (default sum r_i: exact) by the
 thin-QR + small-core SVD of the concatenated factors; the dense d_out x d_in matrix is never formed.
 Space: factors. Unlike PEFT's ``linear`` (see ``peft_linear``) there are no cross terms.
+``space: core`` sums the core matrices, M = sum_i w_i M_i, and maps back U_ref M V_ref: the same
+update (lossless), a check of the core space rather than a faster path.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import Field
+
+from soupkit.methods._core import SPACE_DOC, MergeSpace, core_space
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
 from soupkit.ops import concat_factors, truncate_factors
+
+
+class LinearParams(MethodParams):
+    space: MergeSpace = Field("full", description=SPACE_DOC)
 
 
 class Linear(MergeMethod):
@@ -16,6 +27,7 @@ class Linear(MergeMethod):
     space = "factors"
     paper = "Editing Models with Task Arithmetic (Ilharco et al. 2023, arXiv 2212.04089)"
     summary = "delta = sum_i w_i s_i B_i A_i, best rank-k factors via QR + core SVD (k default sum r_i)"
+    Params = LinearParams
 
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
         total = sum(input_ranks)
@@ -24,7 +36,10 @@ class Linear(MergeMethod):
     def merge(
         self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
     ) -> MergeResult:
-        stacked = concat_factors(factors, weights)
+        p: Any = params
         rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
-        merged, kept = truncate_factors(stacked, rank)
+        if p.space == "core":
+            space = core_space(factors, weights)
+            return space.lift(sum(space.project(f, w) for f, w in zip(factors, weights, strict=True)), rank)
+        merged, kept = truncate_factors(concat_factors(factors, weights), rank)
         return MergeResult(merged, kept)

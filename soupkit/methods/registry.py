@@ -15,6 +15,7 @@ from soupkit.methods import (
     dare_linear,
     dare_ties,
     della,
+    iso_c,
     knots,
     lego,
     linear,
@@ -26,6 +27,7 @@ from soupkit.methods import (
     peft_ties,
     svd,
     ties,
+    tsv,
 )
 from soupkit.methods.base import MergeMethod
 
@@ -36,6 +38,7 @@ METHODS: list[type[MergeMethod]] = [
     dare_linear.DareLinear,
     dare_ties.DareTies,
     della.Della,
+    iso_c.IsoC,
     knots.Knots,
     lego.Lego,
     linear.Linear,
@@ -47,6 +50,7 @@ METHODS: list[type[MergeMethod]] = [
     peft_ties.PeftTies,
     svd.Svd,
     ties.Ties,
+    tsv.Tsv,
 ]
 
 

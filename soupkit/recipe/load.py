@@ -43,12 +43,29 @@ def validate_recipe(data: object, root: Path, label: str = "recipe") -> Recipe:
     except ValidationError as err:
         raise _to_recipe_error(err, label, prefix=()) from None
     method = get_method(recipe.merge.method, where=f"{label}: merge.method")
+    _check_space(recipe.merge, method.name, method.Params, label)
     try:
         recipe.merge._params = method.Params.model_validate(recipe.merge.model_extra or {})
     except ValidationError as err:
         raise _to_recipe_error(err, label, prefix=("merge",), params_model=method.Params) from None
     recipe._root = root
     return recipe
+
+
+def _check_space(merge: MergeSpec, method: str, params_model: type[BaseModel], label: str) -> None:
+    """``merge.space`` exists only for methods with a ``space`` parameter; say which ones otherwise."""
+    extra = merge.model_extra or {}
+    if "space" not in extra or "space" in params_model.model_fields:
+        return
+    from soupkit.methods import REGISTRY
+
+    spaced = sorted(n for n, m in REGISTRY.items() if "space" in m.Params.model_fields)
+    raise RecipeError(
+        f"{label}: merge.space",
+        f"no 'space' key for method '{method}' (it has one space of its own; full | core: {', '.join(spaced)})",
+        repr(extra["space"]),
+        "remove merge.space, or pick one of those methods",
+    )
 
 
 def _fields_at(loc: tuple, params_model: type[BaseModel] | None) -> list[str]:

@@ -1,0 +1,76 @@
+"""Core space (Panariello et al., NeurIPS 2025, arXiv 2509.17786; reference/methods.md 4.11).
+
+Per module, with T adapters, R = sum_i r_i and the weight and scale folded into B (w_i s_i B_i):
+  U_ref (d_out, R): left singular vectors of B_stack = [w_1 s_1 B_1, ..., w_T s_T B_T];
+  V_ref (R, d_in):  right singular vectors (rows) of A_stack = [A_1; ...; A_T];
+  M_i = (U_ref^T B_i)(A_i V_ref^T), an R x R "core matrix" (never a d_out x d_in one).
+A merge rule runs on the M_i and gives M; the update is U_ref M V_ref, a LoRA of rank <= R, exact for the
+sum (U_ref spans every B_i, V_ref every A_i). The bases are the SINGULAR vectors, as the published code:
+entry-wise rules (TIES, DARE) depend on the basis; singular-vector sign flips do not change their result.
+
+Dense methods trim and drop the UNWEIGHTED core matrices (s_i B_i A_i projected) and weight them
+afterwards, as they do with dense deltas: module-scope rules are scale-invariant so this is the same as
+folding w_i in, and global thresholds stay per adapter, independent of per-module weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from soupkit.methods.base import LoraFactors, MergeResult
+from soupkit.ops import energy_fraction, svd
+
+# The spaces a method may run its rule in: the recipe key ``merge.space``.
+MergeSpace = Literal["full", "core"]
+SPACE_DOC = (
+    "Where the rule runs: 'full' = on the d_out x d_in updates, 'core' = on the R x R core matrices "
+    "(R = sum of input ranks; Core Space merging, arXiv 2509.17786)."
+)
+
+
+@dataclass(frozen=True)
+class CoreSpace:
+    """One module's core basis: ``delta = U @ M @ V`` for a core matrix M (float64).
+
+    Attributes:
+        U: (d_out, R_u) orthonormal columns, R_u = min(d_out, R).
+        V: (R_v, d_in) orthonormal rows, R_v = min(d_in, R).
+    """
+
+    U: torch.Tensor
+    V: torch.Tensor
+
+    def project(self, f: LoraFactors, weight: float = 1.0) -> torch.Tensor:
+        """The core matrix of ``weight * B @ A``: (U^T B)(A V^T), (R_u, R_v) float64, from the factors only."""
+        return (self.U.T @ (weight * f.B.double())) @ (f.A.double() @ self.V.T)
+
+    def lift(self, M: torch.Tensor, rank: int) -> MergeResult:
+        """``U @ M @ V`` as balanced LoRA factors of rank <= ``rank`` (best rank-k: the SVD of M is that
+        of the update, since U and V are orthonormal), float32, with the Frobenius energy kept."""
+        U_c, S, Vh_c = svd(M.double())
+        k = min(rank, int((S > 0).sum()))
+        root = S[:k].sqrt()
+        B = (self.U @ U_c[:, :k]) * root[None, :]
+        A = root[:, None] * (Vh_c[:k] @ self.V)
+        return MergeResult(LoraFactors(A=A.float(), B=B.float()), energy_fraction(S, k))
+
+
+def core_space(factors: list[LoraFactors], weights: list[float]) -> CoreSpace:
+    """The core basis of one module's inputs (weights folded into B, as reference/methods.md 4.11)."""
+    B_stack = torch.cat([w * f.B.double() for f, w in zip(factors, weights, strict=True)], dim=1)
+    A_stack = torch.cat([f.A.double() for f in factors], dim=0)
+    U, _, _ = svd(B_stack)  # (d_out, R_u)
+    _, _, V = svd(A_stack)  # (R_v, d_in)
+    return CoreSpace(U=U, V=V)
+
+
+def core_matrices(factors: list[LoraFactors], weights: list[float]) -> tuple[CoreSpace, list[torch.Tensor]]:
+    """The basis and each input's UNWEIGHTED core matrix s_i B_i A_i projected, (R_u, R_v) float32.
+
+    float32 like the dense deltas, so that global thresholds (float32 radix selection) are exact.
+    """
+    space = core_space(factors, weights)
+    return space, [space.project(f).float() for f in factors]

@@ -1,0 +1,101 @@
+"""TSV-Merge: task singular vectors, whitened (Gargiulo et al., CVPR 2025, arXiv 2412.00081; methods.md 4.12).
+
+Per module, with Delta_i = w_i s_i B_i A_i (weights folded in) and T adapters:
+  Delta_i = U_i S_i V_i^T, keeping its top k_i = min(rank_i, floor(dim / T)) NONZERO triplets
+  (s > 1e-6 s_1 of that task; rank_i = their count, dim = min(d_out, d_in));
+  U = [U_1k ... U_Tk], S = diag(S_1k ... S_Tk), V = [V_1k ... V_Tk];
+  whiten each side to its nearest orthonormal matrix (polar factor: X = P Sigma Q^T -> P Q^T);
+  delta = lambda * U_perp S V_perp^T, a LoRA of rank sum k_i <= sum r_i (top ``merge.rank`` of S if set).
+``space: full`` is the published rule on the d_out x d_in deltas. Each Delta_i has rank <= r_i, so its
+SVD is computed exactly from the factors (methods.md 4.9) and U_perp S V_perp^T is already a factored
+SVD: the d_out x d_in matrix is never formed. ``space: core`` runs the same rule on the R x R core
+matrices M_i, with dim = R; with equal ranks the two give the same update, with unequal ranks the core
+cap floor(R / T) may cut the larger adapters' spectra.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from soupkit.methods._core import core_space
+from soupkit.methods._dense import DenseParams
+from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
+from soupkit.ops import energy_fraction, factor_svd, svd
+
+NONZERO = 1e-6  # a singular value below this fraction of the largest is rounding noise, not a direction
+
+Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (m, k), S (k,), Vh (k, n), float64
+
+
+def nonzero_triplets(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> Triplets:
+    """The numerically nonzero singular triplets (S descending), float64."""
+    k = int((S > NONZERO * S[0]).sum()) if S.numel() and float(S[0]) > 0 else 0
+    return U[:, :k].double(), S[:k].double(), Vh[:k].double()
+
+
+def task_triplets(f: LoraFactors, weight: float) -> Triplets:
+    """The nonzero singular triplets of weight * B @ A, exact from the factors (no d_out x d_in matrix)."""
+    if weight == 0.0:
+        empty = f.A.new_zeros(0, f.A.shape[1]).double()
+        return f.B.new_zeros(f.B.shape[0], 0).double(), empty.new_zeros(0), empty
+    return nonzero_triplets(*factor_svd(LoraFactors(A=f.A, B=weight * f.B)))
+
+
+def polar(X: torch.Tensor) -> torch.Tensor:
+    """Nearest matrix with orthonormal columns to a tall X (m, k), k <= m: P Q^T from X = P Sigma Q^T."""
+    P, _, Qh = svd(X)
+    return P @ Qh
+
+
+def tsv_whiten(parts: list[Triplets], dim: int) -> Triplets:
+    """TSV's rule on per-task triplets: keep k_i = min(rank_i, dim // T), concatenate, whiten both sides.
+
+    Returns U_perp (m, K), S (K,), Vh_perp (K, n) with K = sum k_i (not sorted).
+    """
+    cap = dim // len(parts)
+    U = torch.cat([u[:, :cap] for u, _, _ in parts], dim=1)
+    S = torch.cat([s[:cap] for _, s, _ in parts])
+    Vh = torch.cat([vh[:cap] for _, _, vh in parts], dim=0)
+    if S.numel() == 0:
+        return U, S, Vh
+    return polar(U), S, polar(Vh.T).T
+
+
+def factors_from_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, scale: float) -> MergeResult:
+    """Balanced float32 factors of scale * U diag(S) Vh, keeping the ``rank`` largest S (U, Vh orthonormal,
+    so that is the best rank-k approximation), and the Frobenius energy kept."""
+    order = torch.argsort(S, descending=True, stable=True)
+    k = min(rank, S.numel())
+    top = order[:k]
+    root = (abs(scale) * S[top]).sqrt()
+    B = U[:, top] * (root * (1.0 if scale >= 0 else -1.0))[None, :]
+    A = root[:, None] * Vh[top]
+    return MergeResult(LoraFactors(A=A.float(), B=B.float()), energy_fraction(S[order], k))
+
+
+class Tsv(MergeMethod):
+    name = "tsv"
+    space = "factors"
+    paper = "Task Singular Vectors: Reducing Task Interference in Model Merging (Gargiulo et al., CVPR 2025, arXiv 2412.00081)"
+    summary = "top singular triplets of each w_i delta_i, whiten U and V (polar factors), U_perp S V_perp^T x lambda; rank <= sum r_i"
+    Params = DenseParams
+
+    def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
+        total = sum(input_ranks)
+        return total if budget is None else min(budget, total)
+
+    def merge(
+        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
+    ) -> MergeResult:
+        p: Any = params
+        rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
+        if p.space == "core":
+            space = core_space(factors, weights)
+            parts = [nonzero_triplets(*svd(space.project(f, w))) for f, w in zip(factors, weights, strict=True)]
+            U, S, Vh = tsv_whiten(parts, min(space.U.shape[1], space.V.shape[0]))
+            return factors_from_svd(space.U @ U, S, Vh @ space.V, rank, p.lambda_)
+        parts = [task_triplets(f, w) for f, w in zip(factors, weights, strict=True)]
+        U, S, Vh = tsv_whiten(parts, min(factors[0].B.shape[0], factors[0].A.shape[1]))
+        return factors_from_svd(U, S, Vh, rank, p.lambda_)
