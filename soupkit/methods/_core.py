@@ -15,13 +15,14 @@ folding w_i in, and global thresholds stay per adapter, independent of per-modul
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from soupkit.methods.base import LoraFactors, MergeResult
-from soupkit.ops import energy_fraction, svd
+from soupkit.ops import energy_fraction, single_thread, svd
 
 # The spaces a method may run its rule in: the recipe key ``merge.space``.
 MergeSpace = Literal["full", "core"]
@@ -29,6 +30,13 @@ SPACE_DOC = (
     "Where the rule runs: 'full' = on the d_out x d_in updates, 'core' = on the R x R core matrices "
     "(R = sum of input ranks; Core Space merging, arXiv 2509.17786)."
 )
+
+
+def small_maths(like: torch.Tensor) -> AbstractContextManager[None]:
+    """One CPU thread for the thin and R x R products of the factor-space rules. Measured on the busy
+    2-core machine: a (9 x 40) @ (40 x 3) float64 product takes 45 ms with 2 threads, 0.02 ms with one;
+    the tall products of a Llama-8B module cost a few ms on one thread. No effect on GPU."""
+    return single_thread() if like.device.type == "cpu" else nullcontext()
 
 
 @dataclass(frozen=True)

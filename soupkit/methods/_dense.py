@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import ConfigDict, Field
 
-from soupkit.methods._core import SPACE_DOC, MergeSpace, core_matrices
+from soupkit.methods._core import SPACE_DOC, MergeSpace, core_matrices, small_maths
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
 from soupkit.ops import best_rank_k, dense_delta, disjoint_mean, elect_sign
 
@@ -84,7 +84,8 @@ class DenseMethod(MergeMethod):
 
         def magnitudes(mod: ModuleInputs) -> list[torch.Tensor]:
             if in_core(params):
-                return [M.abs() for M in core_matrices(mod.factors, mod.weights)[1]]
+                with small_maths(mod.factors[0].A):
+                    return [M.abs() for M in core_matrices(mod.factors, mod.weights)[1]]
             return [dense_delta(f).abs() for f in mod.factors]
 
         return global_thresholds(run, magnitudes, fractions)
@@ -94,8 +95,9 @@ class DenseMethod(MergeMethod):
     ) -> MergeResult:
         rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
         if in_core(params):
-            space, cores = core_matrices(factors, weights)
-            return space.lift(self.combine_coordinates(lambda j: cores[j], weights, params, ctx), rank)
+            with small_maths(factors[0].A):
+                space, cores = core_matrices(factors, weights)
+                return space.lift(self.combine_coordinates(lambda j: cores[j], weights, params, ctx), rank)
         merged = self.dense_merge(factors, weights, params, ctx)
         seed = int(ctx.generator("range-finder").initial_seed())
         start = torch.cat([f.A for f in factors], dim=0).T  # the inputs' row space: a close first guess

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from soupkit.methods._core import core_space
+from soupkit.methods._core import core_space, small_maths
 from soupkit.methods._dense import DenseParams
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
 from soupkit.methods.tsv import factors_from_svd, nonzero_triplets
@@ -36,6 +36,12 @@ class IsoC(MergeMethod):
         return total if budget is None else min(budget, total)
 
     def merge(
+        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
+    ) -> MergeResult:
+        with small_maths(factors[0].A):
+            return self._merge(factors, weights, params, ctx)
+
+    def _merge(
         self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
     ) -> MergeResult:
         p: Any = params

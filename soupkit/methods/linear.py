@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import Field
 
-from soupkit.methods._core import SPACE_DOC, MergeSpace, core_space
+from soupkit.methods._core import SPACE_DOC, MergeSpace, core_space, small_maths
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
 from soupkit.ops import concat_factors, truncate_factors
 
@@ -39,7 +39,8 @@ class Linear(MergeMethod):
         p: Any = params
         rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
         if p.space == "core":
-            space = core_space(factors, weights)
-            return space.lift(sum(space.project(f, w) for f, w in zip(factors, weights, strict=True)), rank)
+            with small_maths(factors[0].A):
+                space = core_space(factors, weights)
+                return space.lift(sum(space.project(f, w) for f, w in zip(factors, weights, strict=True)), rank)
         merged, kept = truncate_factors(concat_factors(factors, weights), rank)
         return MergeResult(merged, kept)

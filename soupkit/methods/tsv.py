@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from soupkit.methods._core import core_space
+from soupkit.methods._core import core_space, small_maths
 from soupkit.methods._dense import DenseParams
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
 from soupkit.ops import energy_fraction, factor_svd, svd
@@ -87,6 +87,12 @@ class Tsv(MergeMethod):
         return total if budget is None else min(budget, total)
 
     def merge(
+        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
+    ) -> MergeResult:
+        with small_maths(factors[0].A):
+            return self._merge(factors, weights, params, ctx)
+
+    def _merge(
         self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
     ) -> MergeResult:
         p: Any = params
