@@ -15,7 +15,8 @@ from conftest import ROOT, TINY, reference_deltas, tiny_recipe, write_recipe
 from safetensors.torch import load_file
 
 from soupkit.cli import main
-from soupkit.execute import RunOptions, merge_recipe
+from soupkit.execute import RunOptions
+from soupkit.merge import merge_recipe
 from soupkit.methods import REGISTRY, LoraFactors, MergeContext
 from soupkit.recipe import Recipe
 
