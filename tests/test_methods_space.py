@@ -401,3 +401,35 @@ def test_plan_memory_of_core_space_has_no_dense_matrix(tmp_path: Path) -> None:
     for space in ("full", "core"):
         plans[space] = plan_recipe(Recipe.from_dict(tiny_recipe("ties", space=space, density=0.3), tmp_path))[0]
     assert plans["core"].peak_bytes < plans["full"].peak_bytes
+
+
+def test_core_lock_file_reruns_byte_identical(tmp_path: Path) -> None:
+    """The lock records ``space: core``; merging the lock again writes the same bytes."""
+    out, rerun = tmp_path / "out", tmp_path / "rerun"
+    assert invoke("merge", str(ROOT / "recipes" / "ties_core.yaml"), "-o", str(out), "--quiet").exit_code == 0
+    assert "space: core" in (out / "soupkit.lock.yaml").read_text()
+    result = invoke("merge", str(out / "soupkit.lock.yaml"), "-o", str(rerun), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (rerun / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+
+
+def test_methods_listing_shows_space_for_each_space_aware_method() -> None:
+    """``soupkit methods``: a ``space`` parameter line under exactly the methods that accept one."""
+    result = invoke("methods")
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    for name in REGISTRY:
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"{name}  ["))
+        block = []
+        for line in lines[start + 1 :]:
+            if not line.startswith("    "):
+                break
+            block.append(line)
+        has_space = any(line.strip().startswith("space (") for line in block)
+        assert has_space == (name in SPACED), name
+
+
+def test_the_methods_with_a_core_space_are_the_issue_list() -> None:
+    assert SPACED == sorted(
+        ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "della", "breadcrumbs", "tsv", "iso_c"]
+    )
