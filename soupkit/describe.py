@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -23,13 +24,20 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def type_name(annotation: object) -> str:
+    """A parameter's type as a user writes it: ``full|core`` for a Literal, else the type's name."""
+    if get_origin(annotation) is Literal:
+        return "|".join(str(v) for v in get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def param_lines(params: type[BaseModel]) -> list[str]:
     """One line per parameter: name, type, default, description."""
     lines = []
     for field, info in params.model_fields.items():
         name = info.alias or field  # e.g. ``lambda``, a Python keyword, is the alias of ``lambda_``
         default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
-        kind = getattr(info.annotation, "__name__", str(info.annotation))
+        kind = type_name(info.annotation)
         lines.append(f"{name} ({kind}, {default}): {info.description or ''}".rstrip(": "))
     return lines
 
@@ -63,8 +71,10 @@ def describe_plan(recipe: Recipe, plan: Plan) -> str:
     """What will be read per layer, output rank per module, bytes, estimated peak memory."""
     names = [a.name for a in recipe.adapters]
     lines = [
-        f"method {plan.method}; output {recipe.output}, rank {plan.rank}, dtype {recipe.dtype}; "
-        f"targets {', '.join(plan.target_modules)}",
+        (
+            f"method {plan.method}; output {recipe.output}, rank {plan.rank}, dtype {recipe.dtype}; "
+            f"targets {', '.join(plan.target_modules)}"
+        ),
     ]
     for layer in plan.layers:
         title = f"layer {layer.index}" if layer.index is not None else "outside layers"
@@ -88,8 +98,10 @@ def describe_adapter(directory: Path) -> str:
     layers = sorted({layer_of(s.path) for s in specs} - {None})  # type: ignore[type-var]
     lines = [
         f"adapter {directory}",
-        f"  r {cfg.get('r')}, lora_alpha {cfg.get('lora_alpha')}, use_rslora {bool(cfg.get('use_rslora'))}, "
-        f"rank_pattern {cfg.get('rank_pattern') or {}}, alpha_pattern {cfg.get('alpha_pattern') or {}}",
+        (
+            f"  r {cfg.get('r')}, lora_alpha {cfg.get('lora_alpha')}, use_rslora {bool(cfg.get('use_rslora'))}, "
+            f"rank_pattern {cfg.get('rank_pattern') or {}}, alpha_pattern {cfg.get('alpha_pattern') or {}}"
+        ),
         f"  base {cfg.get('base_model_name_or_path')}, task {cfg.get('task_type')}, fan_in_fan_out {adapter.fan_in_fan_out}",
         f"  targets {', '.join(sorted({s.path.rsplit('.', 1)[-1] for s in specs}))}; "
         f"layers {layers[0]}..{layers[-1]} ({len(layers)})" if layers else "  no layered modules",
