@@ -1,7 +1,8 @@
 """CPU vs GPU for every method in the registry (run with ``pytest -m gpu`` on a CUDA machine).
 
 Every shipped recipe under recipes/ (one or more per method, so new methods and merge spaces come in
-through the registry) is merged on both devices: each module's B @ A agrees within float32
+through the registry), and each one whose method has ``merge.space`` also in core space, is merged on
+both devices: each module's B @ A agrees within float32
 tolerance. Every dense method's per-adapter rule (DARE/DELLA drops, TIES trims, breadcrumbs bands),
 given the same delta on both devices, keeps exactly the same entries.
 """
@@ -29,15 +30,26 @@ def recipe_method(path: Path) -> str:
     return yaml.safe_load(path.read_text())["merge"]["method"]
 
 
+def has_space(path: Path) -> bool:
+    method = REGISTRY.get(recipe_method(path))
+    return method is not None and "space" in method.Params.model_fields
+
+
+# Each recipe as shipped, and each recipe of a method with ``merge.space`` also in core space.
+CASES = [(p, None) for p in RECIPES] + [(p, "core") for p in RECIPES if has_space(p) and "core" not in p.stem]
+
+
 def test_every_method_has_a_recipe() -> None:
     """So that the GPU comparison below covers the whole registry."""
     assert set(REGISTRY) <= {recipe_method(p) for p in RECIPES}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_on_gpu_equals_cpu(path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path,space", CASES, ids=[p.stem + (f"-{s}" if s else "") for p, s in CASES])
+def test_recipe_on_gpu_equals_cpu(path: Path, space: str | None, tmp_path: Path) -> None:
     data = {**yaml.safe_load(path.read_text()), "dtype": "float32"}
+    if space is not None:
+        data["merge"] = {**data["merge"], "space": space}
     recipe = Recipe.from_dict(data, path.parent)
     merge_recipe(recipe, tmp_path / "cpu", RunOptions(device="cpu", progress=False))
     merge_recipe(recipe, tmp_path / "gpu", RunOptions(device="cuda", progress=False))
