@@ -138,7 +138,8 @@ def inspect(adapter: Path) -> None:
 @main.command(
     "fit-alpha",
     epilog="Example: soupkit fit-alpha recipes/cat.yaml --data calib.jsonl -o cat-fitted.yaml\n\n"
-    "Several GPUs: accelerate launch --num_processes 2 -m soupkit fit-alpha ... (same global batch, same weights).",
+    "Several GPUs: accelerate launch --num_processes 2 -m soupkit fit-alpha ... (same global batch, same weights).\n\n"
+    "Base larger than one GPU: accelerate launch --config_file examples/fsdp/accelerate_fsdp2.yaml -m soupkit fit-alpha ...",
 )
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--data", required=True, help="Calibration data: .jsonl with text | prompt+completion | messages, or a HF dataset name[:split].")
@@ -162,6 +163,8 @@ def inspect(adapter: Path) -> None:
 @click.option("--lorahub-examples", type=click.IntRange(min=1), default=5, show_default=True, help="lorahub: calibration examples scored.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="auto: bf16 on GPU.")
+@click.option("--shard", is_flag=True, help="Shard the base over the processes with FSDP2 (a base larger than one GPU; on by an accelerate FSDP config).")
+@click.option("--checkpointing", is_flag=True, help="Recompute activations in backward: less memory, about one more forward.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing fitted recipe / report directory.")
 def fit_alpha(recipe: Path, data: str, eval_data: str | None, out: Path | None, report_dir: Path | None, overwrite: bool, **opts: object) -> None:
     """Learn CAT's per-module adapter weights for RECIPE on calibration data; write a fitted recipe."""

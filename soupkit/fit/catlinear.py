@@ -48,17 +48,17 @@ class CatLinear(nn.Module):
 
     Args:
         base_layer: the frozen Linear.
-        factors: a module with buffers ``A`` and ``B`` (owned by the fit model: held in a tuple so it is
-            not registered twice; read at each call, so ``.to()`` on the fit model is seen here).
+        factors: a module with frozen parameters ``A`` and ``B``, registered here (inside the
+            transformer block, so FSDP shards it with the block) and read at each call.
         w_rank: returns this module's weights expanded over the rank, (R,), for the current forward.
     """
 
     def __init__(self, base_layer: nn.Linear, factors: nn.Module, w_rank: Callable[[], torch.Tensor]) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self._factors = (factors,)
+        self.factors = factors
         self._w_rank = w_rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        factors = self._factors[0]
+        factors = self.factors
         return CatLinearFunction.apply(x, self.base_layer.weight, self.base_layer.bias, factors.A, factors.B, self._w_rank())

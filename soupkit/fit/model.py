@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +52,16 @@ class TargetModule:
 
 
 class LowRankPath(nn.Module):
-    """Frozen concatenated factors of one module: A (R, d_in) and B (d_out, R) as buffers (not trained)."""
+    """Frozen concatenated factors of one module: A (R, d_in) and B (d_out, R).
+
+    Frozen parameters, not buffers: FSDP shards parameters only, so as parameters of the
+    ``CatLinear`` inside each transformer block they are sharded with that block's weights.
+    """
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, start: int) -> None:
         super().__init__()
-        self.register_buffer("A", A, persistent=False)
-        self.register_buffer("B", B, persistent=False)
+        self.A = nn.Parameter(A, requires_grad=False)
+        self.B = nn.Parameter(B, requires_grad=False)
         self.start, self.end = start, start + A.shape[0]  # this module's slice of the flat rank weights
 
 
@@ -97,7 +101,9 @@ class CatFitModel(nn.Module):
         groups = group_ids(targets, granularity)
         self.logits = nn.Parameter(torch.zeros(max(groups) + 1, n_adapters))
         mask = torch.zeros(len(targets), n_adapters, dtype=torch.bool)
-        rank_index, self.paths, start = [], nn.ModuleList(), 0
+        # a plain list: each LowRankPath is registered once, as a child of its CatLinear in the base
+        self.paths: list[LowRankPath] = []
+        rank_index, start = [], 0
         dtype = next(base.parameters()).dtype
         for m, (target, pairs) in enumerate(zip(targets, factors, strict=True)):
             for a, r in zip(target.adapters, target.ranks, strict=True):
@@ -156,12 +162,13 @@ class CatFitModel(nn.Module):
         return logits
 
     def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The adapted model's logits (batch, length, vocab) under the current weights."""
+        """The adapted model's logits (batch, length, vocab) under the current weights.
+
+        ``_w_rank`` stays set after the call: activation checkpointing re-runs the blocks' forward
+        during backward, and they read it then.
+        """
         self._w_rank = self.weights().flatten()[self.rank_index]
-        try:
-            return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        finally:
-            self._w_rank = None
+        return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over label tokens (float32 or wider scalar) and their count."""
@@ -189,19 +196,14 @@ class CatFitModel(nn.Module):
         for path, linear in self._originals.items():
             parent_name, _, leaf = path.rpartition(".")
             setattr(self.base.get_submodule(parent_name), leaf, linear)
-        self._originals = {}
+        self._originals, self._w_rank = {}, None
 
 
-def build_fit_model(
-    recipe: Recipe, granularity: Granularity, constraint: Constraint, device: torch.device, dtype: torch.dtype
-) -> tuple[CatFitModel, torch.Tensor]:
-    """Load the recipe's base (frozen, ``dtype``, on ``device``) and attach one path per planned module.
+def fit_targets(recipe: Recipe) -> tuple[list[TargetModule], torch.Tensor, Any]:
+    """The modules a fit adapts, the recipe's own per-module weights (M, n), and the planned inputs.
 
-    Returns:
-        the model, and the recipe's own per-module weights (M, n) as the plan resolves them.
+    Refuses what fit-alpha does not handle: a method other than cat, non-Linear targets.
     """
-    from transformers import AutoModelForCausalLM
-
     from soupkit.execute import plan_recipe
 
     if recipe.merge.method != "cat":
@@ -209,20 +211,39 @@ def build_fit_model(
     plan, inputs = plan_recipe(recipe)
     if plan.fan_in_fan_out or any(m.kind != "linear" for m in plan.modules if m.sources):
         raise SoupkitError("adapters", "LoRA on nn.Linear modules", "embedding or Conv1D (fan_in_fan_out) LoRA", "fit-alpha supports Linear targets only")
-    n = len(recipe.adapters)
     modules = [m for m in plan.modules if m.sources]
     targets = [TargetModule(m.path, m.layer, tuple(s.adapter for s in m.sources), tuple(s.rank for s in m.sources)) for m in modules]
-    recipe_weights = torch.zeros(len(modules), n)
-    factors = []
+    recipe_weights = torch.zeros(len(modules), len(recipe.adapters))
     for i, m in enumerate(modules):
-        pairs = []
         for s in m.sources:
-            f = inputs.adapters[s.adapter].load(m.path)
-            pairs.append((f.A.to(device), f.B.to(device)))
             recipe_weights[i, s.adapter] = s.weight
-        factors.append(pairs)
+    return targets, recipe_weights, inputs
+
+
+def load_factors(inputs: Any, target: TargetModule, device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One target's (A_i, B_i) per adapter present, float32, scale folded into B."""
+    pairs = []
+    for a in target.adapters:
+        f = inputs.adapters[a].load(target.path)
+        pairs.append((f.A.to(device), f.B.to(device)))
+    return pairs
+
+
+def build_fit_model(
+    recipe: Recipe, granularity: Granularity, constraint: Constraint, device: torch.device, dtype: torch.dtype
+) -> tuple[CatFitModel, torch.Tensor]:
+    """Load the recipe's base (frozen, ``dtype``, on ``device``) and attach one path per planned module.
+
+    Every process reads the whole base (``shard.build_sharded_fit_model`` is the sharded loader).
+
+    Returns:
+        the model, and the recipe's own per-module weights (M, n) as the plan resolves them.
+    """
+    from transformers import AutoModelForCausalLM
+
+    targets, recipe_weights, inputs = fit_targets(recipe)
+    factors = [load_factors(inputs, t, device) for t in targets]
     base = AutoModelForCausalLM.from_pretrained(inputs.base.directory, dtype=dtype).to(device)
     base.eval()  # no dropout: the loss is a deterministic function of the weights
-    model = CatFitModel(base, targets, factors, n, granularity, constraint).to(device)
+    model = CatFitModel(base, targets, factors, len(recipe.adapters), granularity, constraint).to(device)
     return model, recipe_weights
-

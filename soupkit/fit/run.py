@@ -8,7 +8,7 @@ The fitted recipe is the input recipe with one ``merge.modules`` override per ad
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from soupkit.errors import SoupkitError
 from soupkit.fit.data import load_examples, split_heldout
 from soupkit.fit.model import CatFitModel, build_fit_model
 from soupkit.fit.report import weights_by_module, write_report
-from soupkit.fit.train import FitOptions, FitState, make_accelerator, train, with_weights
+from soupkit.fit.train import FitOptions, FitState, make_accelerator, train, with_autocast, with_weights
 from soupkit.io.resolve import resolve_reference
 from soupkit.recipe import Recipe, load_recipe
 
@@ -56,8 +56,8 @@ def run_fit_alpha(
     if options.search == "lorahub" and options.init == "recipe":
         raise SoupkitError("--init", "uniform with --search lorahub (LoraHub starts every weight at 0)", "recipe", "drop --init recipe")
     accelerator = make_accelerator(options)
-    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    model, recipe_weights = build_fit_model(recipe, options.granularity, options.constraint, accelerator.device, dtype)
+    options = resolve_sharding(options, accelerator)
+    model, recipe_weights = load_fit_model(recipe, options, accelerator)
     tokenizer, pad_id = load_tokenizer(recipe)
     train_set = load_examples(data, tokenizer, options.seq_len, "--data")
     if eval_data:
@@ -75,6 +75,32 @@ def run_fit_alpha(
     accelerator.wait_for_everyone()
     speed = state.tokens / state.seconds if state.seconds else 0.0
     return FitOutcome(out, report_dir, state.heldout, state.steps, speed, accelerator.is_main_process)
+
+
+def resolve_sharding(options: FitOptions, accelerator: Any) -> FitOptions:
+    """``--shard``/``--checkpointing``, also switched on by an accelerate FSDP config (examples/fsdp/)."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    fsdp_config = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp_config and getattr(plugin, "fsdp_version", 2) != 2:
+        raise SoupkitError("accelerate config", "fsdp_version: 2 (fit-alpha shards with FSDP2)", f"fsdp_version: {plugin.fsdp_version}", "set fsdp_version: 2")
+    checkpointing = options.checkpointing or bool(fsdp_config and getattr(plugin, "activation_checkpointing", False))
+    return replace(options, shard=options.shard or fsdp_config, checkpointing=checkpointing)
+
+
+def load_fit_model(recipe: Recipe, options: FitOptions, accelerator: Any) -> tuple[CatFitModel, torch.Tensor]:
+    """The fit model: sharded over the processes (each reads its rows only), or whole on each process."""
+    from soupkit.fit.shard import build_sharded_fit_model, enable_checkpointing
+
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    device = accelerator.device
+    if options.shard:
+        return build_sharded_fit_model(recipe, options.granularity, options.constraint, device, dtype, options.checkpointing)
+    model, recipe_weights = build_fit_model(recipe, options.granularity, options.constraint, device, dtype)
+    if options.checkpointing:
+        enable_checkpointing(model.base)
+    return model, recipe_weights
 
 
 def load_tokenizer(recipe: Recipe) -> tuple[Any, int]:
@@ -103,8 +129,11 @@ def fit(
         model.logits.copy_(uniform_logits(model))
         uniform = model.weights().detach().clone()
         model.logits.copy_(model.logits_for(recipe_weights.to(model.logits.device)) if options.init == "recipe" else uniform_logits(model))
-    optimizer = torch.optim.Adam([model.logits], lr=options.lr)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    optimizer = torch.optim.Adam([model.logits], lr=options.lr)  # the logits alone: replicated, never sharded
+    if options.shard:  # already sharded by shard.py; accelerate's own FSDP wrapping would shard the logits too
+        prepared = with_autocast(model, accelerator)
+    else:
+        prepared, optimizer = accelerator.prepare(model, optimizer)
     heldout = {
         "uniform": with_weights(accelerator, prepared, uniform, eval_set, options.batch_size, pad_id),
         "recipe": with_weights(accelerator, prepared, recipe_weights, eval_set, options.batch_size, pad_id),

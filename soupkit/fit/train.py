@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from soupkit.errors import SoupkitError
 from soupkit.fit.data import Example, collate
 from soupkit.fit.model import CatFitModel, Constraint, Granularity
+from soupkit.fit.shard import sync_logit_grads
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class FitOptions:
     l1: float = 0.05  # lorahub: L1 penalty on the weights
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
+    shard: bool = False  # FSDP2: shard the frozen base and factors over the processes (shard.py)
+    checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1 more forward)
 
 
 @dataclass
@@ -78,6 +82,19 @@ def make_accelerator(options: FitOptions) -> Any:
     bf16 = options.precision == "bf16" or (options.precision == "auto" and cuda)
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp])
+
+
+def with_autocast(model: nn.Module, accelerator: Any) -> nn.Module:
+    """Run ``model``'s forward under the accelerator's autocast (what ``prepare`` does for a model it
+    wraps; the sharded path wraps the model itself). Wrapped on the instance, so FSDP's hooks stay."""
+    forward = model.forward
+
+    def forward_autocast(*args: Any, **kwargs: Any) -> Any:
+        with accelerator.autocast():
+            return forward(*args, **kwargs)
+
+    model.forward = forward_autocast
+    return model
 
 
 def example_stream(n: int, seed: int) -> Iterator[int]:
@@ -169,10 +186,12 @@ def _one_step(
         batch = {key: v.to(accelerator.device) for key, v in collate(chunk[first : first + micro], pad_id).items()}
         tokens += batch["attention_mask"].sum()
         last = k == options.grad_accum - 1
-        with nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
+        with nullcontext() if last or options.shard else accelerator.no_sync(model):  # all-reduce once per step
             loss, _ = model(**batch)
             accelerator.backward(loss * (world / global_tokens))
         step_loss += loss.detach().double()
+    if options.shard:  # the logits are replicated outside FSDP's reductions: average their gradient here
+        sync_logit_grads(model, world)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(accelerator.reduce(step_loss, reduction="sum")) / global_tokens

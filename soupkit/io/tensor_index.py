@@ -125,14 +125,21 @@ class TensorIndex:
     def keys(self) -> list[str]:
         return list(self.infos)
 
-    def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (on CPU, in its stored dtype)."""
+    def _handle(self, key: str) -> object:
         info = self.infos[key]
         handle = self._handles.get(info.file)
         if handle is None:
             handle = safe_open(str(info.file), framework="pt", device="cpu")
             self._handles[info.file] = handle
-        return handle.get_tensor(key)  # type: ignore[attr-defined]
+        return handle
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (on CPU, in its stored dtype)."""
+        return self._handle(key).get_tensor(key)  # type: ignore[attr-defined]
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Read rows ``start:stop`` of one tensor (dim 0) and nothing else from disk (CPU, stored dtype)."""
+        return self._handle(key).get_slice(key)[start:stop]  # type: ignore[attr-defined]
 
     def close(self) -> None:
         self._handles.clear()
