@@ -21,7 +21,7 @@ class CatLinearFunction(torch.autograd.Function):
     """Forward and backward of the fused base + concatenated low-rank Linear."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, w_rank):  # noqa: ANN001, ANN205 - autograd signature
+    def forward(ctx, x, weight, bias, A, B, w_rank):
         x2 = x.reshape(-1, x.shape[-1]).to(weight.dtype)
         y = F.linear(x2, weight, bias)
         u = F.linear(x2, A)  # (N, R)
@@ -30,7 +30,7 @@ class CatLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         weight, A, B, w_rank, u = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
         gu = g @ B  # (N, R)
