@@ -2,6 +2,8 @@
 
     python benchmarks/bench_fit.py step   # one GPU: Llama-7B-shaped random bf16 model, 2 x rank-32 adapters
     python benchmarks/bench_fit.py dp     # >= 2 GPUs: accelerate launch, 1 vs 2 processes, same global batch
+    python benchmarks/bench_fit.py fsdp   # >= 2 GPUs: sharded Llama-3-70B/8B shapes vs the floor, FSDP vs DDP (bench_fit_fsdp.py)
+    python benchmarks/bench_fit.py fsdp-check  # >= 2 GPUs: FSDP2 config vs 1 process; bf16 drift vs repeat and seed spread
 
 ``step`` times forward+backward (+ the Adam step on the logits) on batch 8 x 512 tokens for three
 models built in the same process, on the same base weights: the no-adapter floor (gradient taken
@@ -219,4 +221,7 @@ def bench_dp(work: Path = Path("/tmp/fitdp")) -> None:
 
 
 if __name__ == "__main__":
-    {"step": bench_step, "dp": bench_dp}[sys.argv[1] if len(sys.argv) > 1 else "step"]()
+    from benchmarks.bench_fit_fsdp import bench_fsdp, bench_fsdp_check
+
+    modes = {"step": bench_step, "dp": bench_dp, "fsdp": bench_fsdp, "fsdp-check": bench_fsdp_check}
+    modes[sys.argv[1] if len(sys.argv) > 1 else "step"]()

@@ -151,7 +151,8 @@ def fill_from_checkpoint(model: CatFitModel, inputs: Any) -> None:
         local.copy_(rows.to(local.dtype))
 
 
-def _buffers(module: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+def module_buffers(module: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+    """Every buffer with its owning module and local name (to put them back after ``to_empty``)."""
     for sub in module.modules():
         for name, buf in sub._buffers.items():
             if buf is not None:
@@ -165,31 +166,49 @@ def meta_factor_pair(linear: nn.Module, rank: int) -> tuple[torch.Tensor, torch.
     return torch.empty(rank, linear.in_features, device="meta"), torch.empty(linear.out_features, rank, device="meta")
 
 
-def build_sharded_fit_model(
-    recipe: Recipe, granularity: Granularity, constraint: Constraint, device: torch.device, dtype: torch.dtype, checkpointing: bool
-) -> tuple[CatFitModel, torch.Tensor]:
-    """The fit model built on the meta device, sharded over all processes, then filled per rank.
+def materialise_sharded(model: CatFitModel, device: torch.device, checkpointing: bool) -> CatFitModel:
+    """Shard a fit model built on the meta device and give each rank storage for its shards only.
 
-    Returns the model (logits on ``device``, replicated) and the recipe's per-module weights (M, n).
+    Parameters come out uninitialised (fill them: ``fill_from_checkpoint``); buffers (rotary tables,
+    the fit model's index tensors) were computed for real and are kept; the logits are zero.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    targets, recipe_weights, inputs = fit_targets(recipe)
-    config = AutoConfig.from_pretrained(inputs.base.directory)
-    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed for real
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    factors = [[meta_factor_pair(base.get_submodule(t.path), r) for r in t.ranks] for t in targets]
-    base.eval()  # no dropout: the loss is a deterministic function of the weights
-    model = CatFitModel(base, targets, factors, len(recipe.adapters), granularity, constraint)
     if checkpointing:
         enable_checkpointing(model.base)
     shard_fit_model(model, device_mesh(device, dist.get_world_size() if dist.is_initialized() else 1))
-    buffers = [(sub, name, buf.clone()) for sub, name, buf in _buffers(model)]
-    model.to_empty(device=device)  # each rank's shards get (uninitialised) storage; buffers put back below
+    buffers = [(sub, name, buf.clone()) for sub, name, buf in module_buffers(model)]
+    model.to_empty(device=device)
     for sub, name, buf in buffers:
         sub._buffers[name] = buf.to(device)
-    fill_from_checkpoint(model, inputs)
     with torch.no_grad():
         model.logits.zero_()
+    return model
+
+
+def meta_fit_model(config: Any, targets: list, n_adapters: int, granularity: Granularity, constraint: Constraint, dtype: torch.dtype) -> CatFitModel:
+    """A fit model whose base weights and factors are on the meta device (no memory); buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed for real
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    base.eval()  # no dropout: the loss is a deterministic function of the weights
+    factors = [[meta_factor_pair(base.get_submodule(t.path), r) for r in t.ranks] for t in targets]
+    return CatFitModel(base, targets, factors, n_adapters, granularity, constraint)
+
+
+def build_sharded_fit_model(
+    recipe: Recipe, granularity: Granularity, constraint: Constraint, device: torch.device, dtype: torch.dtype, checkpointing: bool
+) -> tuple[CatFitModel, torch.Tensor]:
+    """The fit model built on the meta device, sharded over all processes, then filled per rank
+    from the safetensors files (each rank reads its own rows only).
+
+    Returns the model (logits on ``device``, replicated) and the recipe's per-module weights (M, n).
+    """
+    from transformers import AutoConfig
+
+    targets, recipe_weights, inputs = fit_targets(recipe)
+    config = AutoConfig.from_pretrained(inputs.base.directory)
+    model = meta_fit_model(config, targets, len(recipe.adapters), granularity, constraint, dtype)
+    materialise_sharded(model, device, checkpointing)
+    fill_from_checkpoint(model, inputs)
     return model, recipe_weights
