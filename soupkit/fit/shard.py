@@ -76,7 +76,7 @@ def shard_fit_model(model: CatFitModel, mesh: Any) -> CatFitModel:
     nor reduces them. Weights keep their stored dtype (bf16 for a bf16 fit): no FSDP mixed-precision
     cast is needed for frozen weights; autocast covers the compute as on one GPU.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for block in transformer_blocks(model.base):
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
@@ -84,6 +84,7 @@ def shard_fit_model(model: CatFitModel, mesh: Any) -> CatFitModel:
     if head is None or embed.weight is not head.weight:  # tied: the shared weight must stay in one unit (the root)
         fully_shard(embed, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=False, ignored_params={model.logits})
+    register_fsdp_forward_method(model, "lm_logits")  # gathers the root's weights when called directly, too
     return model
 
 
