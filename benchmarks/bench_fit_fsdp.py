@@ -348,5 +348,51 @@ def bench_fsdp_check(work: Path = Path("/tmp/fitfsdp"), seq: int = 512) -> None:
     (OUT / "bench_fit_fsdp_check.json").write_text(json.dumps(summary, indent=2))
 
 
+def bench_bf16_determinism(work: Path = Path("/tmp/fitdet"), seq: int = 512) -> None:
+    """Is one GPU's bf16 gradient of the logits reproducible? Same weights, same batch, 4 repeats per
+    attention backend; the spread is compared with the gradient itself (Adam's step is ~lr * sign(g)
+    wherever |g| is below that spread, so those components take random lr-sized steps)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from soupkit.fit.model import build_fit_model
+    from soupkit.recipe import load_recipe
+    from soupkit.testing import make_base, make_lora, tiny_llama_config
+
+    work.mkdir(parents=True, exist_ok=True)
+    config = tiny_llama_config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                               num_key_value_heads=8, max_position_embeddings=1024)
+    base = make_base(work / "base", seed=0, config=config)
+    for i, name in enumerate(["a", "b"]):
+        make_lora(base, work / name, seed=i + 1, r=32, lora_alpha=64, target_modules=TARGETS, b_scale=2.0)
+    (work / "r.yaml").write_text("base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n")
+    cuda = torch.cuda.is_available()
+    device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
+    model, _ = build_fit_model(load_recipe(work / "r.yaml"), "module", "softmax", device, dtype)
+    ids = torch.randint(0, 100, (8, seq), device=device, generator=torch.Generator(device=device).manual_seed(0))
+    result = {}
+    backends = {"default": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH], "flash": [SDPBackend.FLASH_ATTENTION], "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+                "math": [SDPBackend.MATH]}
+    for label, backend in backends.items():
+        grads = []
+        try:
+            for _ in range(4):
+                model.logits.grad = None
+                with sdpa_kernel(backend), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss, count = model(ids, torch.ones_like(ids), ids)
+                (loss / count).backward()
+                grads.append(model.logits.grad.detach().clone())
+        except RuntimeError as err:  # backend not available here (e.g. flash on CPU)
+            print(f"{label}: unavailable ({str(err).splitlines()[0][:100]})")
+            continue
+        g = grads[0]
+        spread = max(float((x - g).abs().max()) for x in grads[1:])
+        result[label] = {"max_abs_grad": float(g.abs().max()), "median_abs_grad": float(g[g != 0].abs().median()),
+                         "max_run_to_run_diff": spread, "fraction_below_spread": float(((g.abs() < spread) & (g != 0)).float().sum() / (g != 0).sum())}
+        print(f"{label}: max |g| {result[label]['max_abs_grad']:.3e}, median |g| {result[label]['median_abs_grad']:.3e}, "
+              f"run-to-run max |dg| {spread:.3e}, share of |g| below it {result[label]['fraction_below_spread']:.2f}", flush=True)
+    result["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    (OUT / "bench_fit_bf16_determinism.json").write_text(json.dumps(result, indent=2))
+
+
 if __name__ == "__main__":
     child(sys.argv[1], sys.argv[2], int(sys.argv[3]), bool(int(sys.argv[4])), sys.argv[5])
