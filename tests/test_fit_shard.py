@@ -131,3 +131,12 @@ def test_two_sharded_processes_give_the_weights_of_one_unsharded(tmp_path: Path)
     for path, w in one["weights"].items():
         for adapter, value in w.items():
             assert two["weights"][path][adapter] == pytest.approx(value, abs=1e-6)
+
+
+def test_shard_without_a_launcher_is_a_one_line_error(tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "calib.jsonl", random_text(4, seed=0))
+    recipe = write_recipe(tmp_path, tiny_recipe("cat"))
+    out = tmp_path / "x.yaml"
+    result = CliRunner().invoke(main, ["fit-alpha", str(recipe), "--data", str(train), "--shard", "-o", str(out)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "accelerate launch" in result.output, result.output
+    assert not out.exists() and not (tmp_path / "x-report").exists()

@@ -86,7 +86,13 @@ def resolve_sharding(options: FitOptions, accelerator: Any) -> FitOptions:
     if fsdp_config and getattr(plugin, "fsdp_version", 2) != 2:
         raise SoupkitError("accelerate config", "fsdp_version: 2 (fit-alpha shards with FSDP2)", f"fsdp_version: {plugin.fsdp_version}", "set fsdp_version: 2")
     checkpointing = options.checkpointing or bool(fsdp_config and getattr(plugin, "activation_checkpointing", False))
-    return replace(options, shard=options.shard or fsdp_config, checkpointing=checkpointing)
+    shard = options.shard or fsdp_config
+    if shard and not torch.distributed.is_initialized():
+        raise SoupkitError(
+            "--shard", "a run started by a launcher (accelerate launch, torchrun)", "a plain single process",
+            "run: accelerate launch --config_file examples/fsdp/accelerate_fsdp2.yaml -m soupkit fit-alpha ..., or drop --shard",
+        )
+    return replace(options, shard=shard, checkpointing=checkpointing)
 
 
 def load_fit_model(recipe: Recipe, options: FitOptions, accelerator: Any) -> tuple[CatFitModel, torch.Tensor]:
