@@ -17,8 +17,9 @@ class SoupkitGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SoupkitError as err:
-            for e in [err, *getattr(err, "more", [])]:
-                click.echo(f"error: {e.line()}", err=True)
+            more = len(getattr(err, "more", []))  # one line, whatever else is wrong: fix this first
+            extra = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+            click.echo(f"error: {err.line()}{extra}", err=True)
             sys.exit(2)
 
 
@@ -76,10 +77,13 @@ class RecipeFieldsCommand(click.Command):
 @click.argument("recipe", type=click.Path(path_type=Path))
 def validate(recipe: Path) -> None:
     """Check RECIPE: schema, method parameters, and that its inputs exist and fit together."""
-    from soupkit.execute import plan_recipe
+    from soupkit.execute import memory_problem, plan_recipe
     from soupkit.recipe import load_recipe
 
     plan, _ = plan_recipe(load_recipe(recipe))
+    problem = memory_problem(plan)
+    if problem is not None:
+        raise problem
     click.echo(f"{recipe}: ok ({plan.method}, {len(plan.modules)} modules, output rank {plan.rank})")
 
 
@@ -88,12 +92,15 @@ def validate(recipe: Path) -> None:
 def plan(recipe: Path) -> None:
     """Show what RECIPE will read per layer, output ranks, bytes and peak memory (headers only)."""
     from soupkit.describe import describe_plan
-    from soupkit.execute import plan_recipe
+    from soupkit.execute import memory_problem, plan_recipe
     from soupkit.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     built, _ = plan_recipe(loaded)
     click.echo(describe_plan(loaded, built))
+    problem = memory_problem(built)
+    if problem is not None:
+        click.echo(f"warning: {problem.line()}", err=True)
 
 
 @main.command(epilog="Example: soupkit analyze recipes/ties.yaml -o out/ties-analysis")

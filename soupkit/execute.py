@@ -13,10 +13,10 @@ from soupkit.errors import SoupkitError
 from soupkit.io.adapter import LoraAdapter, check_same_base
 from soupkit.io.base_model import BaseModelInfo
 from soupkit.io.resolve import hub_name, hub_pin, resolve_reference
-from soupkit.io.writer import SafetensorsStreamWriter, dtype_tag
+from soupkit.io.writer import SafetensorsStreamWriter, check_finite_cast, dtype_tag
 from soupkit.methods import LoraFactors, MergeContext, get_method
 from soupkit.methods.base import ModuleInputs, RunInputs
-from soupkit.ops import all_finite, pad_rank
+from soupkit.ops import pad_rank
 from soupkit.plan import ModulePlan, Plan, build_plan
 from soupkit.recipe.schema import Recipe
 
@@ -58,6 +58,37 @@ def plan_recipe(recipe: Recipe) -> tuple[Plan, Inputs]:
     """Open the inputs and build the plan, reading headers only."""
     inputs = open_inputs(recipe)
     return build_plan(recipe, inputs.adapters, inputs.base, recipe.dtype), inputs
+
+
+def available_memory(device: str = "cpu") -> int | None:
+    """Bytes the merge can still allocate: free GPU memory, or the kernel's MemAvailable (None if unknown)."""
+    if device == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_problem(plan: Plan, device: str = "cpu") -> SoupkitError | None:
+    """The error to raise (merge, validate) or print as a warning (plan) if the plan's peak does not fit."""
+    free = available_memory(device)
+    if free is None or plan.peak_bytes <= free:
+        return None
+    where = "GPU" if device == "cuda" else "this machine"
+    return SoupkitError(
+        "plan",
+        f"an estimated peak working memory within the {free / 2**30:.1f} GiB available on {where}",
+        f"{plan.peak_bytes / 2**30:.1f} GiB (largest module, rank {plan.rank})",
+        "lower merge.rank, use a factor-space method (svd, linear, lego), or a machine with more memory",
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,8 +146,8 @@ def iter_merged(
             factors = load_sources(inputs, module, device)
             ctx = MergeContext(module.path, recipe.merge.rank, recipe.seed, device, state, source_names(recipe, module))
             result = method.merge(factors, [s.weight for s in module.sources], recipe.merge.params, ctx)
-            if not (all_finite(result.factors.A) and all_finite(result.factors.B)):
-                raise RuntimeError(f"method {method.name} produced non-finite values at {module.path}")
+            for name, factor in (("A", result.factors.A), ("B", result.factors.B)):  # float32 overflow of huge weights
+                check_finite_cast(factor, factor, f"module {module.path} (merged {name}, float32)")
             yield module, pad_rank(result.factors, plan.rank), result.energy_kept
         for adapter in inputs.adapters:  # unmap this layer's pages: RSS stays flat in adapter size
             adapter.index.close()

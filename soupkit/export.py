@@ -31,6 +31,7 @@ from soupkit.io.base_model import BaseModelInfo, layer_of
 from soupkit.io.resolve import TOKENIZER_FILES
 from soupkit.io.sharded import ByteRange, ShardedWriter, TensorSpec, read_range, tensor_ranges
 from soupkit.io.tensor_index import DTYPES
+from soupkit.io.writer import check_finite_cast
 from soupkit.ops import LoraFactors
 from soupkit.plan import ModulePlan, Plan
 from soupkit.recipe.schema import Recipe
@@ -100,6 +101,7 @@ def merged_blocks(
     factors: LoraFactors,
     transposed: bool,
     buffers: BlockBuffers,
+    where: str = "merged weight",
 ) -> Iterator[torch.Tensor]:
     """Yield the merged weight in row blocks: base rows read from ``fd`` + delta rows, cast back to ``dtype``."""
     rows, cols = shape
@@ -115,7 +117,9 @@ def merged_blocks(
         work = buffers.work(n).view(hi - lo, cols).copy_(stored) if on_cpu else stored.to(buffers.device).float()
         add_delta_rows_(work, factors, lo, hi, transposed)
         out = buffers.out(n * itemsize).view(dtype).view(hi - lo, cols)
-        yield out.copy_(work if on_cpu else work.to(dtype))  # the cast back to the base dtype
+        out.copy_(work if on_cpu else work.to(dtype))  # the cast back to the base dtype
+        check_finite_cast(out, work, f"{where} rows {lo}:{hi}", "use smaller weights, or export from a bfloat16/float32 base")  # what is written is what was checked
+        yield out
 
 
 def output_order(keys: list[str], ranges: dict) -> list[str]:
@@ -199,7 +203,7 @@ def fold_stream(
             tag, shape = specs[key]
             transposed = module.kind == "embedding" or fan_in_fan_out
             factors = pending.pop(module.path)
-            for block in merged_blocks(fd, where.offset, DTYPES[tag][0], shape, factors, transposed, buffers):
+            for block in merged_blocks(fd, where.offset, DTYPES[tag][0], shape, factors, transposed, buffers, f"tensor {key}"):
                 yield key, block
     finally:
         for fd in fds.values():

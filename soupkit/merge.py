@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from soupkit.card import model_card
-from soupkit.execute import Inputs, RunOptions, plan_recipe, resolve_device, write_adapter
+from soupkit.execute import Inputs, RunOptions, memory_problem, plan_recipe, resolve_device, write_adapter
 from soupkit.export import export_model
 from soupkit.io.resolve import hub_name, hub_pin, lock_reference
 from soupkit.io.writer import atomic_output_dir, check_output_free
@@ -37,6 +37,9 @@ def merge_recipe(recipe: Recipe, out: Path | None, options: RunOptions = RunOpti
     if out is not None:
         check_output_free(out, options.overwrite)
     plan, inputs = plan_recipe(recipe)
+    problem = memory_problem(plan, options.device)
+    if problem is not None:
+        raise problem
     report = MergeReport(plan=plan, out=out)
     if options.dry_run or out is None:
         return report

@@ -386,6 +386,31 @@ def best_rank_k(
     return split_balanced(U.float(), S.float(), Vh.float()), min(1.0, float(S.square().sum()) / total)
 
 
+def refill_empty_clusters(assign: torch.Tensor, own_distance: torch.Tensor, k: int) -> None:
+    """Give each empty cluster its own point, in place: the worst-served points, in order, taken only
+    from clusters that keep at least one member. Possible whenever N >= k (N - #non-empty spare
+    points >= #empty clusters), so afterwards every cluster of 0..k-1 has a member.
+
+    Args:
+        assign: (N,) cluster index per point (modified).
+        own_distance: (N,) distance of each point to its assigned centre.
+    """
+    counts = torch.bincount(assign, minlength=k).tolist()
+    empty = [c for c in range(k) if counts[c] == 0]
+    if not empty:
+        return
+    for point in torch.argsort(own_distance, descending=True, stable=True).tolist():
+        donor = int(assign[point])
+        if counts[donor] > 1:
+            target = empty.pop()
+            assign[point] = target
+            counts[donor] -= 1
+            counts[target] += 1
+            if not empty:
+                return
+    raise ValueError(f"k-means needs at least k={k} points, got {assign.numel()}")
+
+
 def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, max_iter: int = 100) -> torch.Tensor:
     """Lloyd's k-means with k-means++ seeding from ``generator`` (CPU draws: device independent).
 
@@ -410,10 +435,7 @@ def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, max_iter: i
     for _ in range(max_iter):
         dist = torch.cdist(points, centres).square()
         new = dist.argmin(dim=1)
-        counts = torch.bincount(new, minlength=k)
-        for empty in (counts == 0).nonzero().flatten().tolist():  # re-seed with the worst-served point
-            far = int(dist.gather(1, new[:, None]).squeeze(1).argmax())
-            new[far] = empty
+        refill_empty_clusters(new, dist.gather(1, new[:, None]).squeeze(1), k)
         if torch.equal(new, assign):
             break
         assign = new

@@ -9,10 +9,10 @@ import fnmatch
 import math
 from dataclasses import dataclass
 
-from soupkit.errors import AdapterError, RecipeError
+from soupkit.errors import AdapterError, RecipeError, did_you_mean
 from soupkit.io.adapter import LoraAdapter
 from soupkit.io.base_model import BaseModelInfo, layer_of
-from soupkit.methods import get_method
+from soupkit.methods import MergeMethod, get_method
 from soupkit.recipe.schema import Recipe, Weight
 
 BYTES_F32 = 4
@@ -142,6 +142,8 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
         rank = method.output_rank([s.rank for s in sources], recipe.merge.params, recipe.merge.rank) if sources else 0
         modules.append(ModulePlan(path, kind, layer_of(path), d_in, d_out, tuple(sources), rank))
 
+    check_rank_budget(recipe, method, modules)
+    check_module_globs(recipe, [m.path for m in modules])
     rank = max((m.rank for m in modules), default=0)
     if rank == 0:
         raise AdapterError("adapters", "at least one adapted module", "no LoRA tensors", "check the adapter directories")
@@ -163,3 +165,54 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
         bytes_written=base_bytes if full else sum(rank * (m.d_in + m.d_out) for m in modules) * DTYPE_BYTES[out_dtype],
         peak_bytes=max(m.peak_bytes(dense, rank) for m in modules),
     )
+
+
+def usable_rank(method: MergeMethod, module: ModulePlan) -> int:
+    """The largest rank a merged update of ``module`` can have under ``method``.
+
+    Factor-space methods combine the inputs' ranks: at most sum r_i (and the matrix's own size).
+    Dense methods sparsify full d_out x d_in matrices, whose rank can reach min(d_out, d_in).
+    """
+    full = min(module.d_in, module.d_out)
+    return full if method.space == "delta" else min(full, sum(s.rank for s in module.sources))
+
+
+def check_rank_budget(recipe: Recipe, method: MergeMethod, modules: list[ModulePlan]) -> None:
+    """Refuse a ``merge.rank`` the method ignores, or one above the largest rank it can produce.
+
+    soupkit refuses rather than clamps: a rank of 10^9 is a typo, and a clamp would write an adapter of
+    another rank than the recipe says (the lock file records the recipe as written).
+    """
+    budget = recipe.merge.rank
+    if budget is None:
+        return
+    where = "merge.rank"
+    if not method.uses_rank:
+        raise RecipeError(
+            where, f"no merge.rank with '{method.name}' (its output rank is fixed by the inputs)", "a rank budget", "remove merge.rank, or use svd, linear or lego"
+        )
+    limit = max((usable_rank(method, m) for m in modules if m.sources), default=0)
+    if budget > limit:
+        why = "min(d_out, d_in) of the largest module" if method.space == "delta" else "the sum of the input ranks"
+        raise RecipeError(where, f"at most {limit} ({why}: the most '{method.name}' can use here)", f"{budget}", f"set merge.rank <= {limit} or remove it")
+
+
+def glob_suggestions(paths: list[str]) -> list[str]:
+    """Globs a user might have meant: full paths, '*.leaf' and '*.part.*' for each path component."""
+    out = set(paths)
+    for path in paths:
+        parts = path.split(".")
+        out.add(f"*.{parts[-1]}")
+        out.update(f"*.{p}.*" for p in parts[:-1] if not p.isdigit())
+        out.update(f"*.layers.{p}.*" for p in parts if p.isdigit())
+    return sorted(out)
+
+
+def check_module_globs(recipe: Recipe, paths: list[str]) -> None:
+    """Refuse a ``merge.modules`` glob that matches no module of the plan (a typo like '*.mpl.*')."""
+    for i, override in enumerate(recipe.merge.modules):
+        if not any(fnmatch.fnmatchcase(path, override.match) for path in paths):
+            found = f"'{override.match[:80]}', which matches none{did_you_mean(override.match, glob_suggestions(paths))}"
+            raise RecipeError(
+                f"merge.modules[{i}].match", "a glob matching at least one merged module", found, f"module paths look like '{paths[0]}'"
+            )

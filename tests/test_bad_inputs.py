@@ -6,10 +6,12 @@ arguments. Pickle and YAML cases also check that no code ran (their payload woul
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import shutil
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,7 +128,8 @@ def embedding_with_base_copy(copy_shape: tuple[int, int]) -> Callable[[Path], No
             prefix + "base_layer.weight": torch.randn(*copy_shape, generator=gen),
         }
         edit_tensors(adapter, lambda t: t.update(extra))
-        edit_config(adapter, target_modules=["embed_tokens", "q_proj"])
+        targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+        edit_config(adapter, target_modules=["embed_tokens", *targets])
 
     return edit
 
@@ -202,6 +205,73 @@ def density_case(d: Path) -> list[str]:
     return merge_args(d, tiny_recipe(method, density=1.5))
 
 
+def raw_recipe_case(edit: Callable[[str], str], command: str = "merge") -> Callable[[Path], list[str]]:
+    """A case: the tiny recipe as YAML text, edited as text (for .nan, duplicate keys, aliases)."""
+
+    def build(d: Path) -> list[str]:
+        text = edit(yaml.safe_dump(tiny_recipe("cat"), sort_keys=False))
+        if command == "merge":
+            return merge_args(d, text)
+        return [command, str(recipe_file(d, text))]
+
+    return build
+
+
+def validate_case(change: Callable[[dict], object]) -> Callable[[Path], list[str]]:
+    """A case: ``soupkit validate`` on the tiny recipe edited by ``change`` (validate must refuse what merge would)."""
+
+    def build(d: Path) -> list[str]:
+        recipe = tiny_recipe("cat")
+        change(recipe)
+        return ["validate", str(recipe_file(d, recipe))]
+
+    return build
+
+
+def method_case(method: str, **merge: object) -> Callable[[Path], list[str]]:
+    return lambda d: merge_args(d, tiny_recipe(method, **merge))
+
+
+def fp16_overflow(d: Path) -> list[str]:
+    recipe = tiny_recipe("cat", weights=(1e6, 1.0))
+    recipe["dtype"] = "float16"
+    return merge_args(d, recipe)
+
+
+def export_fp16_overflow(d: Path) -> list[str]:
+    """A float16 base (max 65504) exported with a weight that overflows it after the cast."""
+    base = d / "base16"
+    shutil.copytree(TINY / "base", base)
+    tensors = load_file(base / "model.safetensors")
+    save_file({k: v.half() for k, v in tensors.items()}, base / "model.safetensors", metadata={"format": "pt"})
+    recipe = tiny_recipe("cat", weights=(1e6, 1.0))
+    recipe.update(base_model=str(base), output="model")
+    return merge_args(d, recipe)
+
+
+ALIAS_BOMB = "".join(
+    f"{chr(97 + i)}: &{chr(97 + i)} [" + ", ".join([f"*{chr(96 + i)}" if i else "x"] * 10) + "]\n" for i in range(10)
+)
+
+
+def target_outside_config(adapter: Path) -> None:
+    """The adapter's config stops naming k_proj while its k_proj tensors stay (PEFT ignores them)."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    edit_config(adapter, target_modules=[m for m in config["target_modules"] if m != "k_proj"])
+
+
+def fit_data_typo(d: Path) -> list[str]:
+    (d / "calib.jsonl").write_text('{"text": "hello world"}\n{"text": "more text"}\n')
+    recipe = recipe_file(d, tiny_recipe("cat"))
+    return ["fit-alpha", str(recipe), "--data", str(d / "calib.jsonll"), "-o", str(d / "out"), "--device", "cpu"]
+
+
+def fit_data_bad_line(d: Path) -> list[str]:
+    (d / "calib.jsonl").write_text('{"text": "hello world"}\n{"txt": "no text field"}\n')
+    recipe = recipe_file(d, tiny_recipe("cat"))
+    return ["fit-alpha", str(recipe), "--data", str(d / "calib.jsonl"), "-o", str(d / "out"), "--device", "cpu"]
+
+
 # ---- the table -----------------------------------------------------------------------------------
 
 CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
@@ -214,7 +284,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("unknown_merge_key", recipe_case(lambda r: r["merge"].update(rnak=4)), "unknown key 'rnak' (did you mean 'rank'?)"),
     ("unknown_adapter_key", recipe_case(lambda r: r["adapters"][0].update(wieght=1)), "unknown key 'wieght'"),
     ("unknown_method", recipe_case(lambda r: r["merge"].update(method="catt")), "did you mean 'cat'"),
-    ("weight_wrong_type", recipe_case(lambda r: r["adapters"][0].update(weight="heavy")), "adapters.0.weight"),
+    ("weight_wrong_type", recipe_case(lambda r: r["adapters"][0].update(weight="heavy")), "adapters[0].weight: expected a number, found 'heavy'"),
     ("weight_empty_list", recipe_case(lambda r: r["adapters"][0].update(weight=[])), "at least one value"),
     ("missing_base_model", recipe_case(lambda r: r.pop("base_model")), "add 'base_model'"),
     ("no_adapters", recipe_case(lambda r: r.update(adapters=[])), "adapters"),
@@ -224,6 +294,38 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("override_unknown_adapter", recipe_case(lambda r: r["merge"].update(modules=[{"match": "*", "weights": {"maths": 1}}])), "did you mean 'math'"),
     ("cat_given_density", recipe_case(lambda r: r["merge"].update(density=0.5)), "unknown key 'density'"),
     ("density_out_of_range", density_case, "density"),
+    # numbers that are not numbers, ranks and globs (validate refuses them too)
+    ("weight_nan", raw_recipe_case(lambda t: t.replace("weight: 1.0", "weight: .nan", 1)), "adapters[0].weight: expected a finite number"),
+    ("weight_inf", raw_recipe_case(lambda t: t.replace("weight: 1.0", "weight: .inf", 1)), "found .inf"),
+    ("weight_nan_validate", raw_recipe_case(lambda t: t.replace("weight: 1.0", "weight: .nan", 1), "validate"), "found .nan"),
+    ("gradient_inf", recipe_case(lambda r: r["adapters"][1].update(weight=[1.0, float("inf")])), "adapters[1].weight[1]: expected a finite"),
+    ("module_weight_nan", recipe_case(lambda r: r["merge"].update(modules=[{"match": "*", "weights": {"code": float("nan")}}])), "merge.modules[0].weights.code"),
+    ("ties_lambda_inf", method_case("ties", **{"lambda": float("inf")}), "merge.lambda: expected a finite number"),
+    ("density_nan", method_case("ties", density=float("nan")), "merge.density: expected a finite number"),
+    ("della_epsilon_inf", method_case("della", epsilon=float("inf")), "merge.epsilon: expected a finite number"),
+    ("rank_huge", method_case("svd", rank=1_000_000_000), "merge.rank: expected at most 12"),
+    ("rank_huge_validate", lambda d: ["validate", str(recipe_file(d, tiny_recipe("ties", rank=10**9)))], "expected at most 64"),
+    ("rank_huge_plan", lambda d: ["plan", str(recipe_file(d, tiny_recipe("linear", rank=10**9)))], "expected at most 12"),
+    ("rank_ignored_by_cat", method_case("cat", rank=4), "no merge.rank with 'cat'"),
+    ("glob_matches_nothing", recipe_case(lambda r: r["merge"].update(modules=[{"match": "*.mpl.*", "weights": {"math": 2}}])), "did you mean '*.mlp.*'"),
+    ("glob_typo_validate", validate_case(lambda r: r["merge"].update(modules=[{"match": "model.layers.1.self_attn.q_prj", "weights": {"math": 2}}])), "did you mean 'model.layers.1.self_attn.q_proj'"),
+    ("target_outside_config", broken_adapter(target_outside_config), "PEFT never applies others"),
+    # what is written is what was checked
+    ("fp16_overflow", fp16_overflow, "beyond float16's maximum"),
+    ("export_fp16_overflow", export_fp16_overflow, "beyond float16's maximum"),
+    # YAML and messages
+    ("pydantic_message_form", recipe_case(lambda r: r["adapters"][0].update(weight=[1.0, "x"])), "adapters[0].weight[1]: expected a number, found 'x';"),
+    ("value_1mb_echo_short", recipe_case(lambda r: r["adapters"][0].update(weight="x" * 2**20)), "found 'xxxx"),
+    ("recipe_10mb", recipe_case(lambda r: r["adapters"][0].update(weight="x" * 10 * 2**20)), "a recipe of at most 4 MB"),
+    ("alias_bomb", lambda d: merge_args(d, ALIAS_BOMB), "an alias bomb"),
+    ("alias_recursive", lambda d: merge_args(d, "a: &a [1, *a]\n"), "an alias bomb"),
+    ("duplicate_keys", raw_recipe_case(lambda t: t.replace("dtype: float32", "dtype: float32\ndtype: float16")), "a second 'dtype'"),
+    ("duplicate_adapter_keys", raw_recipe_case(lambda t: t.replace("weight: 1.0", "weight: 1.0\n  weight: 2.0", 1)), "a second 'weight'"),
+    ("deep_nesting", lambda d: merge_args(d, "[" * 50_000), "nested"),
+    # fit-alpha reads its data before the base model
+    ("fit_data_typo", fit_data_typo, "no such file"),
+    ("fit_data_typo_did_you_mean", fit_data_typo, "did you mean 'calib.jsonl'"),
+    ("fit_data_bad_record", fit_data_bad_line, "a 'text', 'prompt'+'completion' or 'messages' field"),
     # references
     ("base_missing", recipe_case(lambda r: r.update(base_model="/nonexistent/base")), "an existing directory"),
     ("adapter_missing", recipe_case(lambda r: r["adapters"][0].update(path="./no/such/adapter")), "an existing directory"),
@@ -270,6 +372,14 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
 ]
 
 
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (relative path -> digest): the inputs' bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+TINY_BEFORE = tree_hashes(TINY)
+
+
 @pytest.mark.parametrize("name,build,fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, build: Callable, fragment: str) -> None:
     monkeypatch.chdir(tmp_path)
@@ -277,19 +387,39 @@ def test_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, b
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # empty: nothing is cached, nothing is fetched
     args = build(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
+    inputs_before = tree_hashes(tmp_path)
+    start = time.perf_counter()
     result = CliRunner().invoke(main, args)
+    seconds = time.perf_counter() - start
     text = result.output
     assert result.exit_code == 2, text
     assert fragment in text, text
     assert "Traceback" not in text
-    errors = [line for line in text.splitlines() if line.startswith("error:")]
-    assert errors and all(len(line) < 600 for line in errors), text
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error:"), result.stderr[:2000]  # ONE line
+    assert len(errors[0]) < 600, errors[0][:2000]
+    assert seconds < 20, f"{name} took {seconds:.1f} s to fail"
     if name == "output_exists":
         assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     else:
         assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp dirs left, no payload ran
+    assert tree_hashes(tmp_path) == inputs_before  # the inputs' bytes are unchanged
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_shipped_example_untouched_by_the_table() -> None:
+    assert tree_hashes(TINY) == TINY_BEFORE
+
+
+@pytest.mark.parametrize("payload", ["alias_bomb", "alias_recursive", "value_1mb_echo_short", "recipe_10mb"])
+def test_huge_inputs_fail_fast_and_print_little(tmp_path: Path, payload: str) -> None:
+    build = next(c[1] for c in CASES if c[0] == payload)
+    args = build(tmp_path)
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, args)
+    assert time.perf_counter() - start < 2.0
+    assert result.exit_code == 2 and len(result.output) < 400, result.output[:1000]
 
 
 def test_table_is_large_enough() -> None:

@@ -77,7 +77,7 @@ BAD_RECIPES = [
     ({"merge": {"method": "cat", "rnak": 8}}, "merge.rnak", "did you mean 'rank'"),
     ({"seeed": 1}, "seeed", "did you mean 'seed'"),
     ({"output": "modle"}, "output: expected 'adapter' or 'model'", "'modle'"),
-    ({"merge": {"method": "svd", "rank": 0}}, "merge.rank", "greater than or equal to 1"),
+    ({"merge": {"method": "svd", "rank": 0}}, "merge.rank", "expected a number >= 1, found 0"),
     ({"adapters": []}, "adapters", "at least 1"),
     ({"merge": {"method": "cat", "modules": [{"match": "*", "weights": {"maths": 1}}]}}, "maths", "did you mean 'math'"),
     ({"base_model": "./nowhere"}, "base_model: expected an existing directory", "relative paths start at the recipe"),

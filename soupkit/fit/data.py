@@ -12,6 +12,7 @@ installed), each example in one of three shapes:
 from __future__ import annotations
 
 import json
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ class Example:
 def read_records(source: str, where: str) -> list[dict]:
     """Read raw records from a .jsonl file, or from a Hugging Face dataset ``name[:split]``."""
     path = Path(source).expanduser()
+    if not path.is_file() and looks_like_path(source):
+        check_data_path(path, where)
     if path.is_file():
         records = []
         for i, line in enumerate(path.read_text().splitlines(), start=1):
@@ -53,6 +56,23 @@ def read_records(source: str, where: str) -> list[dict]:
             records.append(record)
         return records
     return _hub_records(source, where)
+
+
+def looks_like_path(source: str) -> bool:
+    """A local file name rather than a dataset id: a JSON suffix, or starting with '.', '/' or '~'."""
+    return Path(source).suffix.lower() in (".jsonl", ".json", ".jsonlines", ".txt") or source.startswith((".", "/", "~"))
+
+
+def check_data_path(path: Path, where: str) -> None:
+    """Refuse a missing data file at once, naming a close sibling file if there is one."""
+    from soupkit.errors import did_you_mean
+
+    if path.is_dir():
+        raise SoupkitError(where, "a .jsonl file", f"a directory ({path})", "point at the file inside it")
+    parent = path.parent if path.parent.is_dir() else None
+    siblings = [p.name for p in islice(parent.iterdir(), 2000)] if parent else []  # a huge folder is not scanned whole
+    hint = did_you_mean(path.name, siblings)
+    raise SoupkitError(where, "an existing .jsonl file", f"no such file '{str(path)[:80]}'{hint}", "check the path")
 
 
 def _hub_records(name: str, where: str) -> list[dict]:

@@ -55,15 +55,18 @@ def run_fit_alpha(
             raise SoupkitError(str(path), "a path that does not exist yet", "an existing one", "pass --overwrite or choose another -o/--report-dir")
     if options.search == "lorahub" and options.init == "recipe":
         raise SoupkitError("--init", "uniform with --search lorahub (LoraHub starts every weight at 0)", "recipe", "drop --init recipe")
-    accelerator = make_accelerator(options)
-    options = resolve_sharding(options, accelerator)
-    model, recipe_weights = load_fit_model(recipe, options, accelerator)
+    if recipe.merge.method != "cat":
+        raise SoupkitError("merge.method", "cat (fit-alpha learns CAT's weights)", repr(recipe.merge.method), "set merge.method: cat")
+    # Data first (the tokenizer loads in a second): a typo in --data must not wait for a 70B base to load.
     tokenizer, pad_id = load_tokenizer(recipe)
     train_set = load_examples(data, tokenizer, options.seq_len, "--data")
     if eval_data:
         eval_set = load_examples(eval_data, tokenizer, options.seq_len, "--eval-data")
     else:
         train_set, eval_set = split_heldout(train_set, options.heldout_fraction, options.seed)
+    accelerator = make_accelerator(options)
+    options = resolve_sharding(options, accelerator)
+    model, recipe_weights = load_fit_model(recipe, options, accelerator)
     state = fit(accelerator, model, recipe_weights, train_set, eval_set, pad_id, options)
     names = [a.name for a in recipe.adapters]
     weights = weights_by_module(state.weights, model.targets, names)

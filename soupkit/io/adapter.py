@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 
 from soupkit.errors import AdapterError, UnsupportedAdapterError
 from soupkit.io.tensor_index import TensorIndex
@@ -55,6 +56,50 @@ def pattern_value(patterns: dict[str, int], path: str, default: float) -> float:
         if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
+
+
+def _layer_index(path: str, layers_pattern: object) -> int | None:
+    """The layer index PEFT reads from a module path for ``layers_to_transform`` (its first numbered segment)."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)  # type: ignore[call-overload]
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path))), None)
+    return int(match.group("idx")) if match else None
+
+
+def peft_targets(config: dict, path: str) -> bool:
+    """Whether PEFT (0.21, ``check_target_module_exists``) puts a LoRA on module ``path`` when it loads this config.
+
+    PEFT loads tensors only into the modules it wraps; tensors of any other module are dropped without a
+    word. A config without ``target_modules`` (PEFT then uses per-architecture defaults) is not checked.
+    """
+    excluded = config.get("exclude_modules")
+    if isinstance(excluded, str) and re.fullmatch(excluded, path):
+        return False
+    if isinstance(excluded, list) and (path in excluded or any(path.endswith(f".{e}") for e in excluded)):
+        return False
+    targets = config.get("target_modules")
+    if targets is None:
+        return True
+    if isinstance(targets, str):
+        if targets == "all-linear":  # PEFT expands it to every Linear but the output layer
+            return not path.endswith("lm_head")
+        return re.fullmatch(targets, path) is not None
+    if path in targets:
+        return True
+    if not any(path.endswith(f".{t}") for t in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(path, config.get("layers_pattern"))
+    return index is not None and (index == layers if isinstance(layers, int) else index in layers)
+
+
+def shown_targets(config: dict) -> str:
+    text = repr(config.get("target_modules"))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # adapter_config.json fields whose adapters are not a plain low-rank update W + s*B@A (or that change the
@@ -183,6 +228,14 @@ class LoraAdapter:
                 raise UnsupportedAdapterError(
                     f"adapter '{self.name}' tensor {key}", "a base-layer copy beside a LoRA", "a full module copy without LoRA", "remove it"
                 )
+        for path in sorted(parts):
+            if not peft_targets(self.config, path):
+                raise UnsupportedAdapterError(
+                    f"adapter '{self.name}' module {path}",
+                    f"a module named by target_modules {shown_targets(self.config)} (PEFT never applies others)",
+                    "LoRA tensors for it",
+                    f"add '{path.rsplit('.', 1)[-1]}' to target_modules in adapter_config.json to apply them, or delete them",
+                )
         return {path: self._module_spec(path, kinds[path], keys) for path, keys in sorted(parts.items())}
 
     def _module_spec(self, path: str, kind: str, keys: dict[str, str]) -> ModuleSpec:
@@ -225,7 +278,7 @@ class LoraAdapter:
         """One stored tensor; a file safetensors cannot parse is a user error, not a traceback."""
         try:
             return self.index.get(key)
-        except Exception as err:  # safetensors raises its own error types for corrupt files
+        except (SafetensorError, OSError) as err:  # a corrupt file or an I/O error; anything else is a bug and raises
             file = self.index.infos[key].file
             raise AdapterError(f"adapter '{self.name}' tensor {key}", f"a readable tensor in {file}", f"{type(err).__name__}: {err}"[:200], "re-download or re-save the file") from None
 

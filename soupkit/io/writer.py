@@ -19,6 +19,7 @@ import torch
 
 from soupkit.errors import SoupkitError
 from soupkit.io.tensor_index import DTYPES, TAG_OF_DTYPE
+from soupkit.ops import all_finite
 
 TensorSpec = tuple[str, tuple[int, ...]]  # (safetensors dtype tag, shape)
 
@@ -58,6 +59,7 @@ class SafetensorsStreamWriter:
         if tuple(tensor.shape) != tuple(shape):
             raise RuntimeError(f"tensor {key!r} has shape {tuple(tensor.shape)}, planned {shape}")
         data = tensor.detach().to(device="cpu", dtype=DTYPES[tag][0]).contiguous()
+        check_finite_cast(data, tensor, f"tensor {key}")  # what is written is what was checked
         # Little-endian raw bytes, as safetensors stores them (viewed as uint8 to support bf16).
         self._fh.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
         self._next += 1
@@ -76,6 +78,25 @@ class SafetensorsStreamWriter:
             self.close()
         else:
             self._fh.close()
+
+
+def check_finite_cast(cast: torch.Tensor, source: torch.Tensor, where: str, fix: str = "use dtype: bfloat16 (or float32), or smaller weights") -> None:
+    """Refuse ``cast`` (a tensor about to be written) if it holds NaN or Inf; ``source`` is it before the cast.
+
+    A finite float32 value can overflow float16 (max 65504): the check runs on what is written,
+    and the message names the largest magnitude before the cast. One aminmax pass when all is well.
+    """
+    if all_finite(cast):
+        return
+    magnitudes = source.detach().abs().float()
+    finite = magnitudes[torch.isfinite(magnitudes)]
+    largest = f"{float(finite.max()):.4g}" if finite.numel() else "none finite"
+    if finite.numel() == magnitudes.numel() and cast.dtype != source.dtype:
+        limit = torch.finfo(cast.dtype).max
+        found = f"values up to {largest} in magnitude, beyond {str(cast.dtype).removeprefix('torch.')}'s maximum {limit:.4g}"
+    else:
+        found = f"NaN or Inf before the cast (largest finite magnitude {largest}): an overflow"
+    raise SoupkitError(where, "finite values to write", found, fix)
 
 
 def dtype_tag(dtype: torch.dtype) -> str:

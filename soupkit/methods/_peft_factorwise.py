@@ -76,6 +76,7 @@ class PeftFactorwise(MergeMethod):
     combination: Combination = "linear"
     Params = PeftParams
     identity_params: dict = {}
+    uses_rank = False
 
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
         return max(input_ranks, default=0)  # PEFT's rule: the (common) input rank; merge.rank does not apply

@@ -26,7 +26,7 @@ Space = Literal["factors", "delta"]
 class MethodParams(BaseModel):
     """Base of every method's parameter model: strict, so a typo like ``densty`` fails."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no .nan / .inf parameters
 
 
 class NoParams(MethodParams):
@@ -119,6 +119,8 @@ class MergeMethod(ABC):
     # True for rules that flatten the spectrum (Iso-C): only an update whose nonzero singular values
     # are all equal is a fixed point, so the contract tests' identity check uses such an input.
     identity_needs_flat_spectrum: ClassVar[bool] = False
+    # False for methods whose output rank is fixed by the inputs (``merge.rank`` is refused, not ignored).
+    uses_rank: ClassVar[bool] = True
     # False for methods whose result depends on adapter order beyond float rounding.
     order_invariant: ClassVar[bool] = True
 

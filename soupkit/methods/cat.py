@@ -16,6 +16,7 @@ class Cat(MergeMethod):
     space = "factors"
     paper = "LoRA Soups (Prabhakar et al. 2024, arXiv 2410.13025)"
     summary = "B = [w_i s_i B_i], A = [A_i]; exact sum of weighted updates, rank sum r_i"
+    uses_rank = False
 
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
         return sum(input_ranks)  # exact: the rank budget does not apply

@@ -74,7 +74,7 @@ class Lego(MergeMethod):
         points = torch.cat([b, a], dim=1)
         assign = kmeans(points, k, ctx.generator("lego-kmeans"), p.max_iter)
         member = torch.nn.functional.one_hot(assign, k).T.to(points.dtype)  # (k, N) cluster membership
-        sizes = member.sum(dim=1)
+        sizes = member.sum(dim=1).clamp_min(1)  # kmeans leaves no cluster empty; never divide by 0 regardless
         centres = (member @ points) / sizes[:, None]
         if p.parameter_reweighting:
             mean_norm = (member @ points.norm(dim=1)) / sizes

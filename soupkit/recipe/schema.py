@@ -17,7 +17,7 @@ Weight = float | list[float]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # YAML's .nan / .inf are never a valid number
 
 
 class AdapterSpec(StrictModel):
@@ -51,7 +51,7 @@ class ModuleOverride(StrictModel):
 class MergeSpec(BaseModel):
     """How to merge. Keys other than these are the method's own parameters (see `soupkit methods`)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     method: str = Field(description="A method name from `soupkit methods`.")
     rank: int | None = Field(default=None, ge=1, description="Output rank budget for methods that re-factorise.")
