@@ -12,8 +12,8 @@ installed), each example in one of three shapes:
 from __future__ import annotations
 
 import json
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 

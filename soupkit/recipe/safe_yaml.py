@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
@@ -23,9 +24,9 @@ MERGE_TAG = "tag:yaml.org,2002:merge"
 
 def shown(value: object, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters (a bad value may be megabytes long)."""
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and math.isnan(value):
         return ".nan"
-    if isinstance(value, float) and abs(value) == float("inf"):
+    if isinstance(value, float) and math.isinf(value):
         return ".inf" if value > 0 else "-.inf"
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
