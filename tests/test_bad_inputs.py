@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import TINY, tiny_recipe
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY, tiny_recipe
 from soupkit.cli import main
 
 WEIGHTS = "adapter_model.safetensors"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY, reference_deltas, tiny_recipe, write_recipe
 from safetensors.torch import load_file
 
-from conftest import TINY, reference_deltas, tiny_recipe, write_recipe
 from soupkit.cli import main
 from soupkit.errors import SoupkitError
 
