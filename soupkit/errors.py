@@ -26,9 +26,23 @@ class SoupkitError(Exception):
         super().__init__(self.line())
 
     def line(self) -> str:
-        """The one-line message: ``where: expected X, found Y; fix``."""
-        text = f"{self.where}: expected {self.expected}, found {self.found}"
-        return f"{text}; {self.fix}" if self.fix else text
+        """The one-line message: ``where: expected X, found Y; fix``.
+
+        Each part is cut to ``PART_LIMIT`` characters and kept on one line: a value from the user (a
+        10 MB string, a path with newlines) never floods the terminal. Call sites echo values shorter still.
+        """
+        where, expected, found, fix = (one_line(x) for x in (self.where, self.expected, self.found, self.fix))
+        text = f"{where}: expected {expected}, found {found}"
+        return f"{text}; {fix}" if fix else text
+
+
+PART_LIMIT = 240
+
+
+def one_line(text: str, limit: int = PART_LIMIT) -> str:
+    """``text`` with line breaks escaped, cut to ``limit`` characters."""
+    text = str(text).replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 class RecipeError(SoupkitError):

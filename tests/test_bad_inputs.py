@@ -316,12 +316,14 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     # YAML and messages
     ("pydantic_message_form", recipe_case(lambda r: r["adapters"][0].update(weight=[1.0, "x"])), "adapters[0].weight[1]: expected a number, found 'x';"),
     ("value_1mb_echo_short", recipe_case(lambda r: r["adapters"][0].update(weight="x" * 2**20)), "found 'xxxx"),
+    ("method_name_1mb", recipe_case(lambda r: r["merge"].update(method="x" * 2**20)), "merge.method: expected one of"),
+    ("adapter_path_1mb", recipe_case(lambda r: r["adapters"][0].update(path="a/" * 2**19)), "adapters.0.path"),
     ("recipe_10mb", recipe_case(lambda r: r["adapters"][0].update(weight="x" * 10 * 2**20)), "a recipe of at most 4 MB"),
     ("alias_bomb", lambda d: merge_args(d, ALIAS_BOMB), "an alias bomb"),
     ("alias_recursive", lambda d: merge_args(d, "a: &a [1, *a]\n"), "an alias bomb"),
     ("duplicate_keys", raw_recipe_case(lambda t: t.replace("dtype: float32", "dtype: float32\ndtype: float16")), "a second 'dtype'"),
     ("duplicate_adapter_keys", raw_recipe_case(lambda t: t.replace("weight: 1.0", "weight: 1.0\n  weight: 2.0", 1)), "a second 'weight'"),
-    ("deep_nesting", lambda d: merge_args(d, "[" * 50_000), "nested"),
+    ("deep_nesting", lambda d: merge_args(d, "[" * 50_000), "nesting"),
     # fit-alpha reads its data before the base model
     ("fit_data_typo", fit_data_typo, "no such file"),
     ("fit_data_typo_did_you_mean", fit_data_typo, "did you mean 'calib.jsonl'"),

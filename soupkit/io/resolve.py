@@ -76,11 +76,15 @@ def resolve_reference(ref: str, root: Path, where: str, role: Role | None = None
     """
     local = Path(ref).expanduser()
     local = local if local.is_absolute() else root / local
-    if local.is_dir():
-        return local.resolve()
+    try:
+        if local.is_dir():
+            return local.resolve()
+    except OSError as err:  # a name too long, a loop of symlinks, no permission: the path is unusable
+        raise RecipeError(where, "an existing directory", f"{ref[:80]!r} ({err.strerror})", "fix the path") from None
     hub = parse_hub_id(ref)
     if hub is None:
-        raise RecipeError(where, "an existing directory", f"'{ref}' (resolved to {local})", "fix the path; relative paths start at the recipe file")
+        shown_local = str(local) if len(str(local)) <= 120 else f"...{str(local)[-117:]}"
+        raise RecipeError(where, "an existing directory", f"{ref[:80]!r} (resolved to {shown_local})", "fix the path; relative paths start at the recipe file")
     role = role or ("base" if where == "base_model" else "adapter")
     return fetch_from_hub(hub[0], hub[1], role, where, local)
 

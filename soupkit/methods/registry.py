@@ -79,7 +79,7 @@ def get_method(name: str, where: str = "merge.method") -> MergeMethod:
         raise RecipeError(
             where,
             f"one of {', '.join(sorted(REGISTRY))}",
-            f"'{name}'{did_you_mean(name, REGISTRY)}",
+            f"{name[:60]!r}{did_you_mean(name[:200], REGISTRY)}",
             "run `soupkit methods` to list methods",
         )
     return REGISTRY[name]

@@ -32,33 +32,34 @@ def shown(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-class RecipeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys in a mapping (merge keys ``<<`` may repeat keys)."""
-
-    def compose_mapping_node(self, anchor: str | None) -> MappingNode:
-        node = super().compose_mapping_node(anchor)
-        seen: set[tuple[str, str]] = set()
-        for key, _ in node.value:  # the mapping as written, before ``<<`` merges are flattened in
-            if not isinstance(key, ScalarNode) or key.tag == MERGE_TAG:
-                continue
-            ident = (key.tag, key.value)
-            if ident in seen:
-                line = key.start_mark.line + 1
-                raise RecipeError(
-                    f"{self.name}:{line}", "each key once per mapping", f"a second '{shown(key.value, 60)[1:-1]}'", "remove one of them"
-                )
-            seen.add(ident)
-        return node
+# libyaml's parser where PyYAML has it (a 4 MB file parses in well under a second; the Python one takes seconds)
+SAFE_PARSER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def expanded_size(root: Node, cap: int) -> int:
-    """Number of nodes once every alias is expanded, capped at ``cap + 1``.
+def check_duplicate_keys(node: MappingNode, source: str) -> None:
+    """Refuse a key written twice in one mapping (YAML merge keys ``<<`` may still override)."""
+    seen: set[tuple[str, str]] = set()
+    for key, _ in node.value:  # the mapping as written, before ``<<`` merges are flattened in
+        if not isinstance(key, ScalarNode) or key.tag == MERGE_TAG:
+            continue
+        ident = (key.tag, key.value)
+        if ident in seen:
+            raise RecipeError(
+                f"{source}:{key.start_mark.line + 1}", "each key once per mapping", f"a second {shown(key.value, 60)}", "remove one of them"
+            )
+        seen.add(ident)
+
+
+def expanded_size(root: Node, cap: int, source: str = "recipe") -> int:
+    """Number of nodes once every alias is expanded, capped at ``cap + 1``; duplicate keys are refused on the way.
 
     Aliases share node objects, so sizes are memoised per node: linear in the file, not in the
     expansion. A recursive document (an alias inside its own anchor) counts as ``cap + 1``.
     """
     size: dict[int, int] = {}
     on_path = {id(root)}
+    if isinstance(root, MappingNode):
+        check_duplicate_keys(root, source)
     stack: list[tuple[Node, list[Node], int]] = [(root, _children(root), 0)]
     while stack:
         node, kids, i = stack[-1]
@@ -69,6 +70,8 @@ def expanded_size(root: Node, cap: int) -> int:
                 continue
             if id(kid) in on_path:
                 return cap + 1
+            if isinstance(kid, MappingNode):
+                check_duplicate_keys(kid, source)
             on_path.add(id(kid))
             stack.append((kid, _children(kid), 0))
         else:
@@ -97,13 +100,12 @@ def read_recipe_yaml(path: Path) -> object:
         text = path.read_text()
     except UnicodeDecodeError:
         raise RecipeError(str(path), "a UTF-8 text file", "binary content", "point at the recipe .yaml") from None
-    loader = RecipeLoader(text)
-    loader.name = str(path)
+    loader = SAFE_PARSER(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        if expanded_size(node, MAX_EXPANDED_NODES) > MAX_EXPANDED_NODES:
+        if expanded_size(node, MAX_EXPANDED_NODES, str(path)) > MAX_EXPANDED_NODES:
             raise RecipeError(
                 str(path), f"at most {MAX_EXPANDED_NODES:,} values once aliases are expanded", "more (an alias bomb?)", "write the recipe without nested aliases"
             )
