@@ -197,7 +197,7 @@ def test_fit_alpha_data_errors_come_before_the_model(tmp_path: Path, monkeypatch
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the base model was loaded before the data was checked")
 
-    monkeypatch.setattr(soupkit.fit.run, "build_fit_model", no_model)
+    monkeypatch.setattr(soupkit.fit.run, "load_fit_model", no_model)
     monkeypatch.setattr(soupkit.fit.run, "make_accelerator", no_model)
     (tmp_path / "calib.jsonl").write_text('{"text": "hello"}\n')
     (tmp_path / "bad.jsonl").write_text('{"text": "hello"}\n{"prompt": "no completion"}\n')
