@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from soupkit.errors import SoupkitError
-from soupkit.io.adapter import LoraAdapter, check_same_base
+from soupkit.io.adapter import PREFIX, LoraAdapter, check_same_base
 from soupkit.io.base_model import BaseModelInfo
 from soupkit.io.resolve import hub_name, hub_pin, resolve_reference
 from soupkit.io.writer import SafetensorsStreamWriter, check_finite_cast, dtype_tag
@@ -21,8 +21,7 @@ from soupkit.ops import pad_rank
 from soupkit.plan import ModulePlan, Plan, build_plan
 from soupkit.recipe.schema import Recipe
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PREFIX = "base_model.model."
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # recipe `dtype` -> torch
 
 
 @dataclass(frozen=True)
@@ -201,7 +200,7 @@ def adapter_config(recipe: Recipe, plan: Plan, inputs: Inputs) -> dict:
 
 def write_adapter(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Path, options: RunOptions) -> dict[str, float]:
     """Stream the merged adapter into ``tmp`` (renamed to ``out`` later); return energy kept per truncated module."""
-    tag = dtype_tag(DTYPES[recipe.dtype])
+    tag = dtype_tag(TORCH_DTYPE[recipe.dtype])
     specs = {}
     for module in plan.modules:
         a_key, b_key = adapter_keys(module)

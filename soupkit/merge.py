@@ -16,6 +16,8 @@ from soupkit.plan import Plan
 from soupkit.recipe.lock import LOCK_NAME, file_hashes, write_lock
 from soupkit.recipe.schema import Recipe
 
+DEFAULT_OPTIONS = RunOptions()
+
 
 @dataclass
 class MergeReport:
@@ -27,7 +29,7 @@ class MergeReport:
     seconds: float = 0.0
 
 
-def merge_recipe(recipe: Recipe, out: Path | None, options: RunOptions = RunOptions()) -> MergeReport:
+def merge_recipe(recipe: Recipe, out: Path | None, options: RunOptions = DEFAULT_OPTIONS) -> MergeReport:
     """Run a recipe: plan from headers, then stream the merge into ``out`` atomically.
 
     With ``options.dry_run`` only the plan is built. Raises SoupkitError for any user error,

@@ -139,3 +139,29 @@ def test_each_module_imports_on_its_own() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+
+
+def test_random_salts_live_in_one_module() -> None:
+    """Every salt of a seeded draw is a name from soupkit.methods.seeds, never a literal at the call."""
+    literal_salts = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            position = {"generator": 0, "uniform": 2, "uniform_for": 3}.get(fn)  # where each takes its salt
+            salt = node.args[position] if position is not None and len(node.args) > position else None
+            if isinstance(salt, ast.JoinedStr):  # f"{salt}|{name}" composes names; a word in it is a literal salt
+                salt = ast.Constant("".join(v.value for v in salt.values if isinstance(v, ast.Constant)))
+            if isinstance(salt, ast.Constant) and any(ch.isalnum() for ch in str(salt.value)):
+                literal_salts.append(f"{module}:{node.lineno}")
+    assert not literal_salts, f"use a name from soupkit/methods/seeds.py: {literal_salts}"
+
+
+def test_salt_values_are_the_ones_lock_files_recorded() -> None:
+    """Changing a salt changes every output of its method; these are the values outputs were made with."""
+    from soupkit.methods import seeds
+
+    assert (seeds.DARE, seeds.DELLA, seeds.RANGE_FINDER, seeds.LEGO_KMEANS, seeds.PEFT_MASKS) == (
+        "dare", "della", "range-finder", "lego-kmeans", "peft"
+    )

@@ -16,7 +16,7 @@ from soupkit.errors import AdapterError, UnsupportedAdapterError
 from soupkit.io.tensor_index import TensorIndex
 from soupkit.ops import LoraFactors, all_finite
 
-PREFIX = "base_model.model."
+PREFIX = "base_model.model."  # PEFT's prefix of every tensor key in adapter_model.safetensors
 # tensor-key suffix -> (module kind, factor)
 SUFFIXES: dict[str, tuple[str, str]] = {
     ".lora_A.weight": ("linear", "A"),

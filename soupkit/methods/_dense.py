@@ -22,9 +22,10 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import ConfigDict, Field
 
+from soupkit.methods import seeds
 from soupkit.methods._core import SPACE_DOC, MergeSpace, core_matrices, small_maths
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
-from soupkit.ops import best_rank_k, dense_delta, disjoint_mean, elect_sign
+from soupkit.ops import best_rank_k, dense_delta, disjoint_mean, drop_and_rescale, elect_sign, trim_to_density
 
 Density = Annotated[float, Field(gt=0.0, le=1.0, description="Fraction of entries kept, in (0, 1].")]
 SignRule = Literal["total", "frequency"]
@@ -99,7 +100,7 @@ class DenseMethod(MergeMethod):
                 space, cores = core_matrices(factors, weights)
                 return space.lift(self.combine_coordinates(lambda j: cores[j], weights, params, ctx), rank)
         merged = self.dense_merge(factors, weights, params, ctx)
-        seed = int(ctx.generator("range-finder").initial_seed())
+        seed = int(ctx.generator(seeds.RANGE_FINDER).initial_seed())
         start = torch.cat([f.A for f in factors], dim=0).T  # the inputs' row space: a close first guess
         out, energy = best_rank_k(merged, rank, start=start, seed=seed)
         return MergeResult(out, energy)
@@ -142,3 +143,25 @@ def module_threshold(ctx: MergeContext, j: int, index: int = 0) -> float | None:
     if ctx.state is None:
         return None
     return ctx.state[ctx.source(j)][index]
+
+
+class TrimmedDense(DenseMethod):
+    """Keeps the top ``density`` fraction of each |delta_i|, per module or, with ``scope: global``,
+    over the adapter's whole task vector: the trim step of TIES and of magnitude pruning.
+    Subclasses' ``Params`` have ``density`` and ``scope``."""
+
+    def global_fractions(self, params: Any) -> list[float] | None:
+        return [params.density] if params.scope == "global" else None
+
+    def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:
+        return trim_to_density(delta, params.density, module_threshold(ctx, j))
+
+
+class DareDropped(DenseMethod):
+    """DARE's drop and rescale of each delta_i: keep entries w.p. ``density``, divide by it
+    (unbiased); seeded per (seed, module, adapter name). Subclasses' ``Params`` have ``density``."""
+
+    def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:
+        if params.density >= 1.0:
+            return delta
+        return drop_and_rescale(delta, params.density, uniform_for(delta, j, ctx, seeds.DARE))

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from soupkit.methods import seeds
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, RunInputs
 
 Combination = Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
@@ -99,7 +100,7 @@ class PeftFactorwise(MergeMethod):
         w_A = torch.tensor([math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in c], device=factors[0].A.device)
         w_B = torch.tensor([math.sqrt(abs(x)) for x in c], device=factors[0].A.device)
         raw_B = [f.B / f.scale if f.scale != 0 else f.B for f in factors]  # B arrives with s folded in
-        gen = ctx.generator("peft")
+        gen = ctx.generator(seeds.PEFT_MASKS)
         A = combine(kind, [f.A for f in factors], w_A, params, gen)
         B = combine(kind, raw_B, w_B, params, gen)
         return MergeResult(LoraFactors(A=A, B=B))

@@ -8,27 +8,18 @@ The full-rank result is written as its best rank-k LoRA (k = merge.rank, default
 
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar
 
-import torch
-
-from soupkit.methods._dense import DenseMethod, DenseParams, Density, uniform_for
-from soupkit.methods.base import MergeContext
-from soupkit.ops import drop_and_rescale
+from soupkit.methods._dense import DareDropped, DenseParams, Density
 
 
 class DareParams(DenseParams):
     density: Density = 0.5
 
 
-class DareLinear(DenseMethod):
+class DareLinear(DareDropped):
     name = "dare_linear"
     paper = "DARE, Language Models are Super Mario (Yu et al., ICML 2024, arXiv 2311.03099)"
     summary = "drop entries of each delta_i w.p. 1-density, rescale 1/density, weighted sum; best rank-k"
     Params = DareParams
-    identity_params = {"density": 1.0}
-
-    def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:
-        if params.density >= 1.0:
-            return delta
-        return drop_and_rescale(delta, params.density, uniform_for(delta, j, ctx, "dare"))
+    identity_params: ClassVar[dict] = {"density": 1.0}

@@ -7,14 +7,11 @@ adapter name). The full-rank result is written as its best rank-k LoRA (k defaul
 
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar
 
-import torch
 from pydantic import Field
 
-from soupkit.methods._dense import SIGN_DOC, DenseMethod, DenseParams, Density, SignRule, uniform_for
-from soupkit.methods.base import MergeContext
-from soupkit.ops import drop_and_rescale
+from soupkit.methods._dense import SIGN_DOC, DareDropped, DenseParams, Density, SignRule
 
 
 class DareTiesParams(DenseParams):
@@ -22,15 +19,10 @@ class DareTiesParams(DenseParams):
     majority_sign: SignRule = Field("total", description=SIGN_DOC)
 
 
-class DareTies(DenseMethod):
+class DareTies(DareDropped):
     name = "dare_ties"
     paper = "DARE (Yu et al., ICML 2024, arXiv 2311.03099) + TIES sign election (arXiv 2306.01708)"
     summary = "DARE drop-rescale each delta_i, elect sign, disjoint mean, x lambda; best rank-k"
     Params = DareTiesParams
-    identity_params = {"density": 1.0}
+    identity_params: ClassVar[dict] = {"density": 1.0}
     combine = "ties"
-
-    def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:
-        if params.density >= 1.0:
-            return delta
-        return drop_and_rescale(delta, params.density, uniform_for(delta, j, ctx, "dare"))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
+from soupkit.methods import seeds
 from soupkit.methods._dense import SIGN_DOC, DenseMethod, DenseParams, Density, SignRule, uniform_for
 from soupkit.methods.base import MergeContext
 from soupkit.ops import della_keep_probability, drop_and_rescale
@@ -45,4 +46,4 @@ class Della(DenseMethod):
         if params.density >= 1.0:
             return delta
         keep = della_keep_probability(delta, params.density, params.epsilon)
-        return drop_and_rescale(delta, keep, uniform_for(delta, j, ctx, "della"))
+        return drop_and_rescale(delta, keep, uniform_for(delta, j, ctx, seeds.DELLA))

@@ -16,7 +16,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, Density, ScaledParams, Scope, SignRule
+from soupkit.methods import seeds
+from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, Density, ScaledParams, Scope, SignRule, uniform_for
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
 from soupkit.ops import disjoint_mean, drop_and_rescale, eigh, elect_sign, trim_to_density, truncate_factors
 
@@ -73,7 +74,7 @@ class Knots(MergeMethod):
         Z = [z.float() for z in Z64]  # float32 from here: thresholds are exact on float32 bits
         if p.dare_density is not None and p.dare_density < 1.0:
             Z = [
-                drop_and_rescale(z, p.dare_density, ctx.uniform(z.shape, z.device, "dare", j))
+                drop_and_rescale(z, p.dare_density, uniform_for(z, j, ctx, seeds.DARE))
                 for j, z in enumerate(Z)
             ]
         return U, Z

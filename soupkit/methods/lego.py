@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from soupkit.methods import seeds
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
 from soupkit.ops import concat_factors, frobenius_norm, kmeans
 
@@ -72,7 +73,7 @@ class Lego(MergeMethod):
         if k == 0:
             return MergeResult(LoraFactors(A=a.new_zeros(0, d_in).float(), B=b.new_zeros(d_out, 0).float()))
         points = torch.cat([b, a], dim=1)
-        assign = kmeans(points, k, ctx.generator("lego-kmeans"), p.max_iter)
+        assign = kmeans(points, k, ctx.generator(seeds.LEGO_KMEANS), p.max_iter)
         member = torch.nn.functional.one_hot(assign, k).T.to(points.dtype)  # (k, N) cluster membership
         sizes = member.sum(dim=1).clamp_min(1)  # kmeans leaves no cluster empty; never divide by 0 regardless
         centres = (member @ points) / sizes[:, None]

@@ -14,17 +14,16 @@ from typing import Any
 from pydantic import Field
 
 from soupkit.methods._core import SPACE_DOC, MergeSpace, core_space, small_maths
-from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
-from soupkit.ops import concat_factors, truncate_factors
+from soupkit.methods._factor_sum import FactorSum
+from soupkit.methods.base import LoraFactors, MergeContext, MergeResult, MethodParams
 
 
 class LinearParams(MethodParams):
     space: MergeSpace = Field("full", description=SPACE_DOC)
 
 
-class Linear(MergeMethod):
+class Linear(FactorSum):
     name = "linear"
-    space = "factors"
     paper = "Editing Models with Task Arithmetic (Ilharco et al. 2023, arXiv 2212.04089)"
     summary = "delta = sum_i w_i s_i B_i A_i, best rank-k factors via QR + core SVD (k default sum r_i)"
     Params = LinearParams
@@ -37,10 +36,9 @@ class Linear(MergeMethod):
         self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
     ) -> MergeResult:
         p: Any = params
-        rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
         if p.space == "core":
+            rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
             with small_maths(factors[0].A):
                 space = core_space(factors, weights)
                 return space.lift(sum(space.project(f, w) for f, w in zip(factors, weights, strict=True)), rank)
-        merged, kept = truncate_factors(concat_factors(factors, weights), rank)
-        return MergeResult(merged, kept)
+        return super().merge(factors, weights, params, ctx)

@@ -10,14 +10,11 @@ The full-rank result is written as its best rank-k LoRA (k = merge.rank, default
 
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar
 
-import torch
 from pydantic import Field
 
-from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, DenseMethod, DenseParams, Density, Scope, SignRule, module_threshold
-from soupkit.methods.base import MergeContext
-from soupkit.ops import trim_to_density
+from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, DenseParams, Density, Scope, SignRule, TrimmedDense
 
 
 class TiesParams(DenseParams):
@@ -26,16 +23,10 @@ class TiesParams(DenseParams):
     scope: Scope = Field("module", description=SCOPE_DOC)
 
 
-class Ties(DenseMethod):
+class Ties(TrimmedDense):
     name = "ties"
     paper = "TIES-Merging (Yadav et al. 2023, arXiv 2306.01708)"
     summary = "trim each delta_i to top-density |.|, elect sign, disjoint mean, x lambda; best rank-k"
     Params = TiesParams
-    identity_params = {"density": 1.0}
+    identity_params: ClassVar[dict] = {"density": 1.0}
     combine = "ties"
-
-    def global_fractions(self, params: Any) -> list[float] | None:
-        return [params.density] if params.scope == "global" else None
-
-    def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:
-        return trim_to_density(delta, params.density, module_threshold(ctx, j))
