@@ -110,7 +110,7 @@ def gram_basis(M: torch.Tensor, rtol: float = 1e-13) -> tuple[torch.Tensor, torc
 
 
 def factor_svd(f: LoraFactors, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact thin SVD of ``B @ A`` without forming it (docs/methods.md 4.9).
+    """Exact thin SVD of ``B @ A`` without forming it.
 
     B = U_b diag(s_b) W_b^T and A^T = U_a diag(s_a) W_a^T come from the eigen-decompositions of the
     small Gram matrices B^T B and A A^T (R x R, float64); the core diag(s_b) W_b^T W_a diag(s_a)

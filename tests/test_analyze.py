@@ -133,7 +133,7 @@ def test_rank_deficient_factors_use_the_delta_spaces() -> None:
     pair = record["pairs"][0]
     assert close(pair["col_overlap"], dense_overlap(U1, U2)[0]) and close(pair["row_overlap"], dense_overlap(V1, V2)[0])
     assert close(pair["col_max_cos"], dense_overlap(U1, U2)[1])
-    # the core space is spanned by the stacked factors (methods.md 4.11), here wider than the deltas' span (6)
+    # the core space is spanned by the stacked factors (docs/methods.md, "Merge space"), here wider than the deltas' span (6)
     B_stack, A_stack = torch.cat([B1, B2], 1).double(), torch.cat([A1, A2], 0).double()
     assert record["core_rank"] == min(int(torch.linalg.matrix_rank(B_stack)), int(torch.linalg.matrix_rank(A_stack))) == 7
 

@@ -1,5 +1,5 @@
 """``merge.space: core`` (Core Space merging), TSV-Merge and Iso-C against dense float64 references
-written plainly here from reference/methods.md 4.11-4.13: module level on random adapters of different
+written plainly here from docs/methods.md (Merge space, tsv, iso_c): module level on random adapters of different
 ranks, whole runs on examples/tiny (ranks 4 and 8, different target sets), and the shipped recipes via
 the CLI."""
 
@@ -82,7 +82,7 @@ def plain_polar(x: torch.Tensor) -> torch.Tensor:
 
 
 def plain_tsv(mats: list[torch.Tensor], lam: float) -> torch.Tensor:
-    """methods.md 4.12 on (weighted) task matrices: top min(rank_i, dim // T) triplets, whiten U and V."""
+    """docs/methods.md ``tsv`` on (weighted) task matrices: top min(rank_i, dim // T) triplets, whiten U and V."""
     cap = min(mats[0].shape) // len(mats)
     parts = [nonzero_svd(m) for m in mats]
     U = torch.cat([u[:, :cap] for u, _, _ in parts], dim=1)
@@ -92,7 +92,7 @@ def plain_tsv(mats: list[torch.Tensor], lam: float) -> torch.Tensor:
 
 
 def plain_iso(total: torch.Tensor, lam: float) -> torch.Tensor:
-    """methods.md 4.13: mean of the nonzero singular values times U V^T."""
+    """docs/methods.md ``iso_c``: mean of the nonzero singular values times U V^T."""
     U, S, Vh = nonzero_svd(total)
     return lam * S.mean() * U @ Vh
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-RANK_RTOL = 1e-6  # singular values below this fraction of the largest count as zero (methods.md 4.12)
+RANK_RTOL = 1e-6  # singular values below this fraction of the largest count as zero (as TSV's ranks, docs/methods.md)
 
 
 @dataclass(frozen=True)

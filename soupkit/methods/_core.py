@@ -1,4 +1,4 @@
-"""Core space (Panariello et al., NeurIPS 2025, arXiv 2509.17786; reference/methods.md 4.11).
+"""Core space (Panariello et al., NeurIPS 2025, arXiv 2509.17786; docs/methods.md, "Merge space").
 
 Per module, with T adapters, R = sum_i r_i and the weight and scale folded into B (w_i s_i B_i):
   U_ref (d_out, R): left singular vectors of B_stack = [w_1 s_1 B_1, ..., w_T s_T B_T];
@@ -67,7 +67,7 @@ class CoreSpace:
 
 
 def core_space(factors: list[LoraFactors], weights: list[float]) -> CoreSpace:
-    """The core basis of one module's inputs (weights folded into B, as reference/methods.md 4.11)."""
+    """The core basis of one module's inputs (weights folded into B, as docs/methods.md, "Merge space")."""
     B_stack = torch.cat([w * f.B.double() for f, w in zip(factors, weights, strict=True)], dim=1)
     A_stack = torch.cat([f.A.double() for f in factors], dim=0)
     U, _, _ = svd(B_stack)  # (d_out, R_u)

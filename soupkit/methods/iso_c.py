@@ -1,11 +1,11 @@
 """Iso-C: isotropic merging, a flat spectrum for the summed update (Marczak et al., ICML 2025,
-"No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces"; methods.md 4.13).
+"No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces"; docs/methods.md, iso_c).
 
 delta = sum_i w_i s_i B_i A_i = U S V^T; keep the n numerically nonzero singular values (s > 1e-6 s_1:
 the zeros of a low-rank update would pull the mean down and let null-space directions of arbitrary
 orientation in); delta_iso = lambda * mean(S_1..n) U_n V_n^T, a LoRA of rank n <= sum r_i. With
 ``merge.rank`` k < n, the k directions of largest original s are kept (all have the same new value).
-``space: full`` takes the exact SVD of the summed update from the factors (methods.md 4.9); the
+``space: full`` takes the exact SVD of the summed update from the factors (``ops.factor_svd``); the
 d_out x d_in matrix is never formed. ``space: core`` isotropizes M = sum_i w_i M_i instead: U_ref and
 V_ref are orthonormal, so M has the same nonzero spectrum and the two spaces give the same update.
 """

@@ -1,4 +1,4 @@
-"""Magnitude prune on the dense updates (PEFT's ``magnitude_prune`` on delta W; docs/methods.md 4.6).
+"""Magnitude prune on the dense updates (PEFT's ``magnitude_prune`` on delta W; docs/methods.md).
 
 delta = lambda * sum_i w_i t_i, where t_i keeps the top ``density`` fraction of |delta_i|
 (per module, or globally per adapter with ``scope: global``). No sign election.

@@ -1,7 +1,7 @@
 """SVD merge: PEFT's ``svd`` combination, computed without the dense matrix.
 
 delta = best rank-k approximation (Eckart-Young) of sum_i w_i s_i B_i A_i, k = ``merge.rank``
-(default max_i r_i, as PEFT). Space: factors (QR + core SVD, docs/methods.md 4.9).
+(default max_i r_i, as PEFT). Space: factors (QR + core SVD, ``ops.truncate_factors``).
 Unlike PEFT 0.x before #3111, each scale s_i is applied once.
 """
 

@@ -1,4 +1,4 @@
-"""TSV-Merge: task singular vectors, whitened (Gargiulo et al., CVPR 2025, arXiv 2412.00081; methods.md 4.12).
+"""TSV-Merge: task singular vectors, whitened (Gargiulo et al., CVPR 2025, arXiv 2412.00081; docs/methods.md, tsv).
 
 Per module, with Delta_i = w_i s_i B_i A_i (weights folded in) and T adapters:
   Delta_i = U_i S_i V_i^T, keeping its top k_i = min(rank_i, floor(dim / T)) NONZERO triplets
@@ -7,7 +7,7 @@ Per module, with Delta_i = w_i s_i B_i A_i (weights folded in) and T adapters:
   whiten each side to its nearest orthonormal matrix (polar factor: X = P Sigma Q^T -> P Q^T);
   delta = lambda * U_perp S V_perp^T, a LoRA of rank sum k_i <= sum r_i (top ``merge.rank`` of S if set).
 ``space: full`` is the published rule on the d_out x d_in deltas. Each Delta_i has rank <= r_i, so its
-SVD is computed exactly from the factors (methods.md 4.9) and U_perp S V_perp^T is already a factored
+SVD is computed exactly from the factors (``ops.factor_svd``) and U_perp S V_perp^T is already a factored
 SVD: the d_out x d_in matrix is never formed. ``space: core`` runs the same rule on the R x R core
 matrices M_i, with dim = R; with equal ranks the two give the same update, with unequal ranks the core
 cap floor(R / T) may cut the larger adapters' spectra.
