@@ -139,7 +139,7 @@ def bench_step() -> None:
         cat_opt.zero_grad(set_to_none=True)
 
     rows = {}
-    for round_ in range(2):  # two rounds, interleaved: the second is reported (clocks and allocator settled)
+    for _round in range(2):  # two rounds, interleaved: the second is reported (clocks and allocator settled)
         rows["floor (no adapters)"] = timed(floor)
         cat.attach_paths()
         rows["soupkit: one concatenated path"] = timed(soupkit_step)
@@ -148,11 +148,11 @@ def bench_step() -> None:
             plain = PerAdapterPaths(base, factors, dropout)
             plain_opt = torch.optim.Adam([plain.logits], lr=5e-2)
 
-            def per_adapter_step() -> None:
+            def per_adapter_step(opt: torch.optim.Optimizer = plain_opt) -> None:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     token_loss(base(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids).backward()
-                plain_opt.step()
-                plain_opt.zero_grad(set_to_none=True)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
             rows[label] = timed(per_adapter_step)
             plain.remove()
@@ -188,7 +188,7 @@ def bench_dp(work: Path = Path("/tmp/fitdp")) -> None:
     base = make_base(work / "base", seed=0, config=config)
     for i, name in enumerate(["a", "b"]):
         make_lora(base, work / name, seed=i + 1, r=32, lora_alpha=64, target_modules=TARGETS, b_scale=2.0)
-    (work / "r.yaml").write_text(f"base_model: base\nadapters:\n  - {{name: a, path: a}}\n  - {{name: b, path: b}}\nmerge: {{method: cat}}\n")
+    (work / "r.yaml").write_text("base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n")
     gen = torch.Generator().manual_seed(0)
     chars = [chr(c) for c in range(32, 127)]
     for split, n in (("train", 640), ("eval", 64)):

@@ -236,8 +236,8 @@ def kth_largest_magnitude(magnitudes: torch.Tensor, k: int) -> float:
     bits = magnitudes.float().contiguous().view(torch.int32).reshape(-1)
     high = bits >> 16
     h, above = select_bucket(torch.bincount(high, minlength=RADIX_HIGH), k)
-    l, _ = select_bucket(torch.bincount(bits[high == h] & 0xFFFF, minlength=RADIX_LOW), k - above)
-    return float_from_radix(h, l)
+    low, _ = select_bucket(torch.bincount(bits[high == h] & 0xFFFF, minlength=RADIX_LOW), k - above)
+    return float_from_radix(h, low)
 
 
 def top_fraction_threshold(magnitudes: torch.Tensor, density: float) -> float:

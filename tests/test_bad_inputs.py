@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from soupkit.cli import main
 
+from conftest import TINY, tiny_recipe
+
 WEIGHTS = "adapter_model.safetensors"
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"

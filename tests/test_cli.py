@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import ROOT, TINY, tiny_recipe, write_recipe
 from soupkit.cli import main
 from soupkit.methods import REGISTRY
+
+from conftest import ROOT, TINY, tiny_recipe, write_recipe
 
 
 def invoke(*args: str) -> object:

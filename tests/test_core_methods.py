@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, reference_deltas, tiny_recipe, weighted_sum
 
 from soupkit.execute import RunOptions
 from soupkit.merge import merge_recipe
 from soupkit.recipe import Recipe
+
+from conftest import TINY, reference_deltas, tiny_recipe, weighted_sum
 
 QUIET = RunOptions(progress=False)
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import tiny_recipe, write_recipe
 from soupkit.cli import main
 from soupkit.io.writer import recover_stale
+
+from conftest import tiny_recipe, write_recipe
 
 CHILD = r"""
 import os, sys, time

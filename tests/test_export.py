@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY, reference_deltas, tiny_recipe, write_recipe
 from safetensors import safe_open
 
 from soupkit.execute import RunOptions
@@ -17,6 +16,8 @@ from soupkit.io.tensor_index import TensorIndex
 from soupkit.merge import merge_recipe
 from soupkit.methods import REGISTRY
 from soupkit.recipe import Recipe
+
+from conftest import TINY, reference_deltas, tiny_recipe, write_recipe
 
 QUIET = RunOptions(progress=False)
 IDS = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -243,7 +244,7 @@ def test_cuda_export_matches_cpu(tmp_path: Path) -> None:
     recipe = tiny_recipe("cat", (0.6, 0.3))
     cpu = raw_tensors(export(tmp_path, recipe, "cpu"))
     gpu = raw_tensors(export(tmp_path, recipe, "gpu", RunOptions(device="cuda", progress=False)))
-    for key, (tag, data) in cpu.items():
+    for key, (_tag, data) in cpu.items():
         a = torch.frombuffer(bytearray(data), dtype=torch.float32)
         b = torch.frombuffer(bytearray(gpu[key][1]), dtype=torch.float32)
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

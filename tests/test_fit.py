@@ -10,13 +10,14 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import TINY, tiny_recipe, write_recipe
 
 from soupkit.cli import main
 from soupkit.fit.data import IGNORE, load_examples, tokenize_record
 from soupkit.fit.lorahub import cma_es
 from soupkit.fit.model import build_fit_model
 from soupkit.recipe import Recipe, load_recipe
+
+from conftest import TINY, tiny_recipe, write_recipe
 
 CPU = torch.device("cpu")
 

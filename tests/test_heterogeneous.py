@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
 from safetensors.torch import load_file, save_file
 
 from soupkit.execute import RunOptions
@@ -22,6 +21,8 @@ from soupkit.io.adapter import LoraAdapter
 from soupkit.merge import merge_recipe
 from soupkit.recipe import Recipe
 from soupkit.testing import make_base, make_lora
+
+from conftest import TINY
 
 QUIET = RunOptions(progress=False)
 LLAMA_VARIANTS: dict[str, dict] = {

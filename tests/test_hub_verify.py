@@ -12,9 +12,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import TINY, tiny_recipe, write_recipe
 from soupkit.cli import main
 from soupkit.io import resolve
+
+from conftest import TINY, tiny_recipe, write_recipe
 
 SHA = {name: hashlib.sha1(name.encode()).hexdigest() for name in ("base", "math-v1", "math-v2", "code")}
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, reference_deltas, tiny_recipe
 
 from soupkit.execute import RunOptions
 from soupkit.merge import merge_recipe
@@ -25,6 +24,8 @@ from soupkit.ops import (
 )
 from soupkit.recipe import Recipe
 from soupkit.rng import counter_uniform, stream_key
+
+from conftest import TINY, reference_deltas, tiny_recipe
 
 QUIET = RunOptions(progress=False)
 T = torch.tensor

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, tiny_recipe
 from safetensors.torch import load_file
 
 from soupkit.errors import SoupkitError
@@ -17,6 +16,8 @@ from soupkit.merge import merge_recipe
 from soupkit.methods import REGISTRY, LoraFactors, MergeContext
 from soupkit.recipe import Recipe
 from soupkit.testing import make_lora
+
+from conftest import TINY, tiny_recipe
 
 QUIET = RunOptions(progress=False)
 

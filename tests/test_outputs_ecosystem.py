@@ -10,10 +10,11 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import TINY, tiny_recipe, write_recipe
 from test_hub_verify import SHA, hub_cache  # noqa: F401  (hub_cache is a fixture)
 
 from soupkit.cli import main
+
+from conftest import TINY, tiny_recipe, write_recipe
 
 
 def merge(tmp_path: Path, recipe: dict, out: str) -> Path:

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT, write_recipe
 
-from examples import smollm2
 from soupkit.cli import main
 from soupkit.execute import RunOptions
 from soupkit.merge import merge_recipe
 from soupkit.recipe import Recipe
+
+from conftest import ROOT, write_recipe
+from examples import smollm2
 
 CACHE = Path(os.environ.get("SOUPKIT_MODEL_CACHE", ROOT / ".cache"))
 REQUIRED = any(os.environ.get(v, "").lower() not in ("", "0", "false") for v in ("CI", "SOUPKIT_REQUIRE_REAL_MODEL"))

@@ -122,11 +122,12 @@ def _dense(adapter_dir) -> dict[str, torch.Tensor]:
 
 
 def test_smoke_pipeline_end_to_end(tmp_path):
-    from examples.skill_composition.merges import rows, slug
-    from examples.skill_composition.config import SMOKE
-    from examples.skill_composition.run import main
     from soupkit.cli import main as cli
     from soupkit.methods import REGISTRY
+
+    from examples.skill_composition.config import SMOKE
+    from examples.skill_composition.merges import rows, slug
+    from examples.skill_composition.run import main
 
     results = main(["--out", str(tmp_path), "--smoke"])
     for name in ("results.json", "table.md", "chart.png"):

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from soupkit.testing import char_tokenizer, tiny_llama_config
+
 from examples.skill_composition.config import Config
 from examples.skill_composition.data import Example
-from soupkit.testing import char_tokenizer, tiny_llama_config
 
 PAD, EOS = 0, 2
 
