@@ -10,8 +10,24 @@ import click
 from soupkit.errors import SoupkitError
 
 
+def examples(*commands: str) -> str:
+    """An epilog of example commands that click prints as written (``\\b``: no re-wrapping mid-word)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {c}" for c in commands)
+
+
 class SoupkitGroup(click.Group):
     """Prints user errors as one line on stderr and exits 2, without a traceback."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list with each command's whole first sentence, wrapped rather than cut with '...'."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -29,7 +45,7 @@ def main() -> None:
     """soupkit: declarative merge recipes for LoRA adapters."""
 
 
-@main.command(epilog="Example: soupkit merge recipes/cat.yaml -o merged/")
+@main.command(epilog=examples("soupkit merge recipes/cat.yaml -o out/cat", "soupkit merge recipes/full_model.yaml -o out/full --shard-size 2GB"))
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output directory (default: ./<recipe name>-merged).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the maths runs.")
@@ -73,7 +89,7 @@ class RecipeFieldsCommand(click.Command):
             formatter.write_dl(recipe_field_rows())
 
 
-@main.command(cls=RecipeFieldsCommand, epilog="Example: soupkit validate recipes/cat.yaml")
+@main.command(cls=RecipeFieldsCommand, epilog=examples("soupkit validate recipes/cat.yaml"))
 @click.argument("recipe", type=click.Path(path_type=Path))
 def validate(recipe: Path) -> None:
     """Check RECIPE: schema, method parameters, and that its inputs exist and fit together."""
@@ -87,7 +103,7 @@ def validate(recipe: Path) -> None:
     click.echo(f"{recipe}: ok ({plan.method}, {len(plan.modules)} modules, output rank {plan.rank})")
 
 
-@main.command(epilog="Example: soupkit plan recipes/ties.yaml")
+@main.command(epilog=examples("soupkit plan recipes/ties.yaml"))
 @click.argument("recipe", type=click.Path(path_type=Path))
 def plan(recipe: Path) -> None:
     """Show what RECIPE will read per layer, output ranks, bytes and peak memory (headers only)."""
@@ -103,7 +119,7 @@ def plan(recipe: Path) -> None:
         click.echo(f"warning: {problem.line()}", err=True)
 
 
-@main.command(epilog="Example: soupkit analyze recipes/ties.yaml -o out/ties-analysis")
+@main.command(epilog=examples("soupkit analyze recipes/ties.yaml -o out/ties-analysis"))
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output directory (default: ./<recipe name>-analysis).")
 @click.option("--dense", is_flag=True, help="Also form the dense deltas for TIES' sign-conflict fraction (slower).")
@@ -122,7 +138,7 @@ def analyze(recipe: Path, out: Path | None, dense: bool, no_base: bool, overwrit
     click.echo(f"wrote {out}/analysis.json, table.md and one heatmap per statistic")
 
 
-@main.command(epilog="Example: soupkit methods --brief")
+@main.command(epilog=examples("soupkit methods --brief", "soupkit methods"))
 @click.option("--brief", is_flag=True, help="One line per method.")
 def methods(brief: bool) -> None:
     """List every merge method: its space (factors or dense delta), formula, parameters and paper."""
@@ -131,7 +147,7 @@ def methods(brief: bool) -> None:
     click.echo(describe_methods(verbose=not brief))
 
 
-@main.command(epilog="Example: soupkit inspect examples/tiny/adapters/math")
+@main.command(epilog=examples("soupkit inspect examples/tiny/adapters/math"))
 @click.argument("adapter", type=click.Path(path_type=Path))
 def inspect(adapter: Path) -> None:
     """Show an adapter's rank, alpha, scale, targets, layers, dtype and per-module norms."""
@@ -144,9 +160,14 @@ def inspect(adapter: Path) -> None:
 
 @main.command(
     "fit-alpha",
-    epilog="Example: soupkit fit-alpha recipes/cat.yaml --data calib.jsonl -o cat-fitted.yaml\n\n"
-    "Several GPUs: accelerate launch --num_processes 2 -m soupkit fit-alpha ... (same global batch, same weights).\n\n"
-    "Base larger than one GPU: accelerate launch --config_file examples/fsdp/accelerate_fsdp2.yaml -m soupkit fit-alpha ...",
+    epilog=examples(
+        "soupkit fit-alpha recipes/cat.yaml --data examples/tiny/calib.jsonl -o out/cat-fitted.yaml",
+        "soupkit merge out/cat-fitted.yaml -o out/cat-fitted",
+        "# several GPUs (same global batch, same weights):",
+        "accelerate launch --num_processes 2 -m soupkit fit-alpha recipes/cat.yaml --data calib.jsonl",
+        "# a base larger than one GPU (FSDP2, docs/fit-alpha.md):",
+        "accelerate launch --config_file examples/fsdp/accelerate_fsdp2.yaml -m soupkit fit-alpha recipes/cat.yaml --data calib.jsonl",
+    ),
 )
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--data", required=True, help="Calibration data: .jsonl with text | prompt+completion | messages, or a HF dataset name[:split].")
@@ -154,21 +175,46 @@ def inspect(adapter: Path) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Fitted recipe to write (default: ./<recipe>-fitted.yaml).")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="fit_report.json and PNGs (default: <out>-report/).")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default: --epochs passes over the data).")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Passes over --data (when --steps is not given).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-2, show_default=True, help="Adam learning rate of the logits.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per micro-batch per process.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per example (longer ones are cut).")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--granularity", type=click.Choice(["module", "layer", "adapter"]), default="module", show_default=True)
-@click.option("--constraint", type=click.Choice(["softmax", "free"]), default="softmax", show_default=True)
-@click.option("--init", "init", type=click.Choice(["uniform", "recipe"]), default="uniform", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order, the held-out split and lorahub's search.")
+@click.option(
+    "--granularity",
+    type=click.Choice(["module", "layer", "adapter"]),
+    default="module",
+    show_default=True,
+    help="One set of weights per module (LoRA Soups), per layer, or per adapter for the whole model.",
+)
+@click.option(
+    "--constraint",
+    type=click.Choice(["softmax", "free"]),
+    default="softmax",
+    show_default=True,
+    help="softmax: weights of a module sum to 1 (LoRA Soups); free: any real numbers.",
+)
+@click.option(
+    "--init",
+    "init",
+    type=click.Choice(["uniform", "recipe"]),
+    default="uniform",
+    show_default=True,
+    help="Start from equal weights, or from the recipe's own weights.",
+)
 @click.option("--eval-every", type=click.IntRange(min=1), default=20, show_default=True, help="Steps between held-out evaluations.")
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True, help="Evaluations without improvement before stopping.")
-@click.option("--search", type=click.Choice(["gradient", "lorahub"]), default="gradient", show_default=True)
+@click.option(
+    "--search",
+    type=click.Choice(["gradient", "lorahub"]),
+    default="gradient",
+    show_default=True,
+    help="gradient: Adam on the weights; lorahub: gradient-free CMA-ES, one weight per adapter (LoraHub).",
+)
 @click.option("--budget", type=click.IntRange(min=1), default=40, show_default=True, help="lorahub: loss evaluations.")
 @click.option("--lorahub-examples", type=click.IntRange(min=1), default=5, show_default=True, help="lorahub: calibration examples scored.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: a GPU if there is one, else the CPU.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="auto: bf16 on GPU.")
 @click.option("--shard", is_flag=True, help="Shard the base over the processes with FSDP2 (a base larger than one GPU; on by an accelerate FSDP config).")
 @click.option("--checkpointing", is_flag=True, help="Recompute activations in backward: less memory, about one more forward.")
@@ -185,7 +231,7 @@ def fit_alpha(recipe: Path, data: str, eval_data: str | None, out: Path | None, 
         click.echo(f"held-out loss per token: {losses}")
 
 
-@main.command(epilog="Example: soupkit verify merged/")
+@main.command(epilog=examples("soupkit verify out/cat"))
 @click.argument("out", type=click.Path(path_type=Path))
 def verify(out: Path) -> None:
     """Re-hash OUT's inputs and files against its lock file; list what changed (exit 1 if anything did)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import types
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -24,15 +26,28 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def format_table(rows: Sequence[Sequence[object]], indent: str = "", right: Sequence[int] = ()) -> list[str]:
+    """Rows as lines with aligned columns (two spaces apart); columns in ``right`` are right-aligned."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells if i < len(row)) for i in range(max(map(len, cells), default=0))]
+    lines = []
+    for row in cells:
+        padded = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row)]
+        lines.append((indent + "  ".join(padded)).rstrip())
+    return lines
+
+
 def type_name(annotation: object) -> str:
-    """A parameter's type as a user writes it: ``full|core`` for a Literal, else the type's name."""
+    """A parameter's type as a user writes it: ``full|core`` for a Literal, ``float | None`` for a union."""
     if get_origin(annotation) is Literal:
         return "|".join(str(v) for v in get_args(annotation))
-    return getattr(annotation, "__name__", str(annotation))
+    if get_origin(annotation) in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in get_args(annotation))
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
 
 
 def param_lines(params: type[BaseModel]) -> list[str]:
-    """One line per parameter: name, type, default, description."""
+    """One line per parameter: name, type (choices for a Literal), default, description."""
     lines = []
     for field, info in params.model_fields.items():
         name = info.alias or field  # e.g. ``lambda``, a Python keyword, is the alias of ``lambda_``
@@ -76,12 +91,13 @@ def describe_plan(recipe: Recipe, plan: Plan) -> str:
             f"targets {', '.join(plan.target_modules)}"
         ),
     ]
+    rows: list[Sequence[object]] = [("module", "shape", "rank in", "out", "sources (rank, weight)")]
     for layer in plan.layers:
-        title = f"layer {layer.index}" if layer.index is not None else "outside layers"
-        lines.append(f"{title}:")
+        rows.append((f"layer {layer.index}:" if layer.index is not None else "outside layers:",))
         for m in layer.modules:
             srcs = ", ".join(f"{names[s.adapter]}(r={s.rank}, w={s.weight:g})" for s in m.sources) or "none (zeros)"
-            lines.append(f"  {m.path}  [{m.d_out}x{m.d_in}]  rank {m.rank} -> {plan.rank}  <- {srcs}")
+            rows.append((f"  {m.path}", f"{m.d_out}x{m.d_in}", m.rank, plan.rank, srcs))
+    lines += format_table(rows, right=(2, 3))
     lines.append(
         f"read {human_bytes(plan.bytes_read)}, write {human_bytes(plan.bytes_written)}, "
         f"estimated peak working memory {human_bytes(plan.peak_bytes)} (one module at a time)"
@@ -106,9 +122,7 @@ def describe_adapter(directory: Path) -> str:
         f"  targets {', '.join(sorted({s.path.rsplit('.', 1)[-1] for s in specs}))}; "
         f"layers {layers[0]}..{layers[-1]} ({len(layers)})" if layers else "  no layered modules",
         f"  dtype {', '.join(f'{k} x{v}' for k, v in dtypes.items())}; {len(specs)} modules",
-        "  module  rank  scale  ||s B A||_F",
     ]
-    for spec in specs:
-        norm = frobenius_norm(adapter.load(spec.path))
-        lines.append(f"  {spec.path}  {spec.rank}  {spec.scale:g}  {norm:.4g}")
-    return "\n".join(lines)
+    rows: list[Sequence[object]] = [("module", "rank", "scale", "||s B A||_F")]
+    rows += [(spec.path, spec.rank, f"{spec.scale:g}", f"{frobenius_norm(adapter.load(spec.path)):.4g}") for spec in specs]
+    return "\n".join(lines + format_table(rows, indent="  ", right=(1, 2, 3)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -57,14 +58,49 @@ def test_validate_plan_methods_inspect() -> None:
     assert result.exit_code == 0 and "ok (cat, 14 modules, output rank 12)" in result.output
     result = invoke("plan", str(ROOT / "recipes" / "cat.yaml"))
     assert result.exit_code == 0
-    assert "model.layers.1.mlp.up_proj  [128x64]  rank 12 -> 12  <- math(r=4, w=0.8), code(r=8, w=0.2)" in result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("  model.")]
+    assert len(rows) == 14
+    cells = {re.split(r"\s{2,}", row.strip())[0]: re.split(r"\s{2,}", row.strip()) for row in rows}
+    assert cells["model.layers.1.mlp.up_proj"] == ["model.layers.1.mlp.up_proj", "128x64", "12", "12", "math(r=4, w=0.8), code(r=8, w=0.2)"]
+    header = next(line for line in result.output.splitlines() if line.startswith("module "))
+    assert {row.index("math(") for row in rows} == {header.index("sources")}  # aligned columns
     assert "estimated peak working memory" in result.output
     result = invoke("methods")
     assert result.exit_code == 0
     for name, method in REGISTRY.items():
         assert f"{name}  [{method.space}]" in result.output
+    assert "majority_sign (total|frequency, default 'total')" in result.output and "Literal" not in result.output
     result = invoke("inspect", str(TINY / "adapters" / "code"))
-    assert result.exit_code == 0 and "r 8, lora_alpha 16" in result.output and "model.layers.1.mlp.up_proj  8  2" in result.output
+    assert result.exit_code == 0 and "r 8, lora_alpha 16" in result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("  model.")]
+    assert re.split(r"\s{2,}", rows[5].strip()) == ["model.layers.1.mlp.up_proj", "8", "2", "11.97"]
+    assert len({len(row) for row in rows}) == 1  # right-aligned numbers: every row ends in one column
+
+
+def test_every_option_has_help_and_the_help_is_not_cut() -> None:
+    """Walks the click tree: every option of every command says what it does."""
+    import click
+
+    def commands(command: click.Command, path: str) -> list[tuple[str, click.Command]]:
+        found = [(path, command)]
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                found += commands(sub, f"{path} {name}")
+        return found
+
+    missing = [
+        f"{path} {param.opts[-1]}"
+        for path, command in commands(main, "soupkit")
+        for param in command.params
+        if isinstance(param, click.Option) and not (param.help or "").strip()
+    ]
+    assert not missing, f"options without help: {missing}"
+    listing = CliRunner().invoke(main, ["--help"], terminal_width=80).output
+    commands_section = listing.split("Commands:")[1]
+    assert "..." not in commands_section and "fit together." in commands_section
+    fit_help = CliRunner().invoke(main, ["fit-alpha", "--help"], terminal_width=80).output
+    assert "  soupkit fit-alpha recipes/cat.yaml --data examples/tiny/calib.jsonl -o out/cat-fitted.yaml\n" in fit_help
+    assert "[softmax|free]" in fit_help
 
 
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:
