@@ -60,6 +60,9 @@ def make_base(out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, conf
     model = model.to(dtype)
     model.save_pretrained(out, safe_serialization=True, **save_kwargs)
     char_tokenizer().save_pretrained(out)
+    # transformers 5 names its class "TokenizersBackend", which 4.x cannot load; both load this name
+    config_path = out / "tokenizer_config.json"
+    config_path.write_text(config_path.read_text().replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
     return out
 
 

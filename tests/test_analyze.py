@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY, reference_deltas, tiny_recipe, write_recipe
 from safetensors.torch import load_file
 
 from soupkit.analyze import analyze_recipe
@@ -19,6 +18,8 @@ from soupkit.cli import main
 from soupkit.methods import LoraFactors
 from soupkit.plan import ModulePlan
 from soupkit.recipe import Recipe
+
+from conftest import TINY, reference_deltas, tiny_recipe, write_recipe
 
 RTOL = 1e-5
 NAMES = ("math", "code", "chat")

@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from click.testing import CliRunner
-from conftest import TINY, tiny_recipe, write_recipe
 
 from soupkit.cli import main
 from soupkit.fit.model import build_fit_model
 from soupkit.fit.shard import build_sharded_fit_model, checkpoint_key, enable_checkpointing
 from soupkit.recipe import Recipe
+
+from conftest import TINY, tiny_recipe, write_recipe
 
 CPU = torch.device("cpu")
 
@@ -45,8 +46,8 @@ def one_process_group() -> object:
 def random_text(n: int, seed: int) -> list[str]:
     gen = torch.Generator().manual_seed(seed)
     chars = "abcdefghij +=0123456789"
-    return ["".join(chars[i] for i in torch.randint(0, len(chars), (int(l),), generator=gen).tolist())
-            for l in torch.randint(12, 40, (n,), generator=gen)]
+    return ["".join(chars[i] for i in torch.randint(0, len(chars), (int(length),), generator=gen).tolist())
+            for length in torch.randint(12, 40, (n,), generator=gen)]
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:

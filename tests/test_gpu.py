@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, reference_deltas
 
 from soupkit.execute import RunOptions
 from soupkit.merge import merge_recipe
 from soupkit.methods import REGISTRY, MergeContext
 from soupkit.methods._dense import DenseMethod
 from soupkit.recipe import Recipe
+
+from conftest import ROOT, reference_deltas
 
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if yaml.safe_load(p.read_text()).get("output", "adapter") == "adapter")
 CUDA = torch.device("cuda")

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT, TINY, reference_deltas, tiny_recipe, write_recipe
 from safetensors.torch import load_file
 
 from soupkit.cli import main
@@ -19,6 +18,8 @@ from soupkit.execute import RunOptions
 from soupkit.merge import merge_recipe
 from soupkit.methods import REGISTRY, LoraFactors, MergeContext
 from soupkit.recipe import Recipe
+
+from conftest import ROOT, TINY, reference_deltas, tiny_recipe, write_recipe
 
 QUIET = RunOptions(progress=False)
 D_OUT, D_IN = 40, 28

@@ -56,3 +56,5 @@ def test_ci_constraints_pin_every_dependency_within_its_range() -> None:
 def test_ci_script_uses_the_constraints_and_runs_ruff_and_the_docs_build() -> None:
     script = (ROOT / ".ci" / "run").read_text()
     assert "-c constraints/ci.txt" in script and "ruff check" in script and "mkdocs build --strict" in script
+    docs_line = next(line for line in script.splitlines() if "mkdocs build" in line)
+    assert "--quiet" not in docs_line and " -q" not in docs_line  # mkdocs' --quiet hides the warnings --strict counts

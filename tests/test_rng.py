@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe
 
 from soupkit import rng
 from soupkit.execute import RunOptions
@@ -17,6 +16,8 @@ from soupkit.merge import merge_recipe
 from soupkit.methods import MergeContext
 from soupkit.ops import della_keep_probability, drop_and_rescale
 from soupkit.recipe import Recipe
+
+from conftest import tiny_recipe
 
 M32 = 0xFFFFFFFF
 
