@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import TINY, tiny_recipe
 from safetensors.torch import load_file, save_file
 
 from soupkit.cli import main

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY, reference_deltas, tiny_recipe, write_recipe
 from safetensors.torch import load_file
 
 from soupkit.cli import main
 from soupkit.errors import SoupkitError
+
+from conftest import TINY, reference_deltas, tiny_recipe, write_recipe
 
 # ---- target_modules: soupkit's rule == the modules PEFT 0.21 wraps ------------------------------------
 
