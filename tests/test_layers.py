@@ -34,8 +34,6 @@ LAYERS: list[tuple[str, set[str]]] = [
 LAYER_OF = {part: rank for rank, (_, parts) in enumerate(LAYERS) for part in parts}
 # Pure maths: not even soupkit.errors, so `import soupkit.ops` can never pull in the pipeline.
 IMPORTS_NOTHING = {"ops", "rng", "errors"}
-# Cycles still to be removed (each one named here is a TODO, not a permission to add more).
-KNOWN_CYCLES = {"soupkit.recipe.schema -> soupkit.recipe.load -> soupkit.recipe.schema"}
 
 
 def module_name(path: Path) -> str:
@@ -106,8 +104,7 @@ def test_no_import_cycles() -> None:
     for module in graph:
         if state[module] == 0:
             visit(module, [module])
-    new = sorted(set(cycles) - KNOWN_CYCLES)
-    assert not new, "\n".join(new)
+    assert not cycles, "\n".join(cycles)
 
 
 def test_import_checker_sees_lazy_and_from_imports() -> None:

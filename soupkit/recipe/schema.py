@@ -1,7 +1,9 @@
 """The recipe schema (pydantic v2, strict: unknown keys are errors).
 
-Field descriptions here are the single documentation of each field: ``soupkit validate --help``
-print them, and a test checks that docs/recipe.md's field table lists every one.
+The recipe's ``merge:`` is validated by the chosen method's own ``Params`` model, taken from the
+method registry (``validate_recipe``). Field descriptions here are the single documentation of each
+field: ``soupkit validate --help`` prints them, and a test checks that docs/recipe.md's field table
+lists every one.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from soupkit.errors import RecipeError, did_you_mean
 from soupkit.methods.base import MethodParams
+from soupkit.methods.registry import REGISTRY, get_method
+from soupkit.recipe.messages import to_recipe_error
 
 Weight = float | list[float]
 
@@ -88,8 +93,6 @@ class Recipe(StrictModel):
         for i, override in enumerate(self.merge.modules):
             for key in override.weights:
                 if key not in names:
-                    from soupkit.errors import did_you_mean
-
                     raise ValueError(
                         f"merge.modules.{i}.weights names adapter '{key}'{did_you_mean(key, names)}, "
                         f"but the adapters are {names}"
@@ -104,8 +107,6 @@ class Recipe(StrictModel):
     @classmethod
     def from_dict(cls, data: object, root: Path | None = None) -> Recipe:
         """Validate a parsed recipe, method parameters included; errors are ``RecipeError``."""
-        from soupkit.recipe.load import validate_recipe
-
         return validate_recipe(data, root or Path.cwd())
 
     def resolved(self) -> dict:
@@ -114,3 +115,36 @@ class Recipe(StrictModel):
         merge = {"method": self.merge.method, "rank": self.merge.rank, **self.merge.params.model_dump(mode="json")}
         merge["modules"] = [m.model_dump(mode="json") for m in self.merge.modules]
         return {**data, "merge": merge}
+
+
+def validate_recipe(data: object, root: Path, label: str = "recipe") -> Recipe:
+    """Validate parsed YAML: structure first, then the chosen method's own parameters."""
+    if not isinstance(data, dict):
+        raise RecipeError(label, "a mapping with base_model, adapters, merge", f"{type(data).__name__}", "see recipes/ for examples")
+    data = {k: v for k, v in data.items() if k != "soupkit_lock"}  # a lock file is a recipe plus this
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise to_recipe_error(err, label, (), Recipe) from None
+    method = get_method(recipe.merge.method, where=f"{label}: merge.method")
+    _check_space(recipe.merge, method.name, method.Params, label)
+    try:
+        recipe.merge._params = method.Params.model_validate(recipe.merge.model_extra or {})
+    except ValidationError as err:
+        raise to_recipe_error(err, label, ("merge",), Recipe, method.Params) from None
+    recipe._root = root
+    return recipe
+
+
+def _check_space(merge: MergeSpec, method: str, params_model: type[BaseModel], label: str) -> None:
+    """``merge.space`` exists only for methods with a ``space`` parameter; say which ones otherwise."""
+    extra = merge.model_extra or {}
+    if "space" not in extra or "space" in params_model.model_fields:
+        return
+    spaced = sorted(n for n, m in REGISTRY.items() if "space" in m.Params.model_fields)
+    raise RecipeError(
+        f"{label}: merge.space",
+        f"no 'space' key for method '{method}' (it has one space of its own; full | core: {', '.join(spaced)})",
+        repr(extra["space"]),
+        "remove merge.space, or pick one of those methods",
+    )
