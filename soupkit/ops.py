@@ -308,7 +308,9 @@ def della_keep_probability(delta: torch.Tensor, density: float, epsilon: float) 
     order = delta.abs().argsort(dim=-1, stable=True)  # ties ranked by position: the same order on every device
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(n, device=delta.device).expand_as(order))
-    rn = ranks.to(delta.dtype) / max(n - 1, 1)
+    # Divide by a tensor on the device, not a Python number: CUDA turns division by a host scalar into
+    # multiplication by its reciprocal (other rounding), the CPU divides; a device tensor divides on both.
+    rn = ranks.to(delta.dtype) / torch.full((), max(n - 1, 1), dtype=delta.dtype, device=delta.device)
     return ((density - epsilon) + 2 * epsilon * rn).clamp(0.0, 1.0)
 
 
