@@ -15,7 +15,7 @@ from soupkit.io.base_model import layer_of
 from soupkit.methods import REGISTRY
 from soupkit.ops import frobenius_norm
 from soupkit.plan import Plan
-from soupkit.recipe.schema import Recipe
+from soupkit.recipe.schema import AdapterSpec, MergeSpec, ModuleOverride, Recipe
 
 
 def human_bytes(n: float) -> str:
@@ -71,8 +71,6 @@ def describe_methods(verbose: bool = True) -> str:
 
 def recipe_field_rows() -> list[tuple[str, str]]:
     """(field path, description) for every recipe field, from the schema's Field descriptions."""
-    from soupkit.recipe.schema import AdapterSpec, MergeSpec, ModuleOverride
-
     rows = []
     for prefix, model in (("", Recipe), ("adapters[].", AdapterSpec), ("merge.", MergeSpec), ("merge.modules[].", ModuleOverride)):
         for name, info in model.model_fields.items():

@@ -34,6 +34,9 @@ LAYERS: list[tuple[str, set[str]]] = [
 LAYER_OF = {part: rank for rank, (_, parts) in enumerate(LAYERS) for part in parts}
 # Pure maths: not even soupkit.errors, so `import soupkit.ops` can never pull in the pipeline.
 IMPORTS_NOTHING = {"ops", "rng", "errors"}
+# Lower layers that a layer still may not use: a merge rule knows no files (and, being below
+# recipe, no recipe).
+NOT_FROM = {"methods": {"io"}}
 
 
 def module_name(path: Path) -> str:
@@ -82,6 +85,8 @@ def test_imports_point_down_the_layers() -> None:
             other = part_of(target)
             if part in IMPORTS_NOTHING:
                 wrong.append(f"{module} imports {target}: {part} imports nothing from soupkit")
+            elif other in NOT_FROM.get(part, set()):
+                wrong.append(f"{module} imports {target}: {part} may not use {other}")
             elif other != part and LAYER_OF[other] >= LAYER_OF[part]:
                 wrong.append(f"{module} ({LAYERS[LAYER_OF[part]][0]}) imports {target} ({LAYERS[LAYER_OF[other]][0]})")
     assert not wrong, "\n".join(sorted(wrong))

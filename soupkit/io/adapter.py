@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 
 from soupkit.errors import AdapterError, UnsupportedAdapterError
+from soupkit.io.resolve import hub_pin, parse_hub_id
 from soupkit.io.tensor_index import TensorIndex
 from soupkit.ops import LoraFactors, all_finite
 
@@ -291,8 +292,6 @@ class LoraAdapter:
         ref = self.config.get("base_model_name_or_path")
         if not ref or not isinstance(ref, str):
             return None
-        from soupkit.io.resolve import hub_pin, parse_hub_id
-
         for candidate in (self.directory / ref, Path(ref)):
             if candidate.is_dir():
                 resolved = candidate.resolve()

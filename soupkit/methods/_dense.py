@@ -24,6 +24,7 @@ from pydantic import ConfigDict, Field
 
 from soupkit.methods import seeds
 from soupkit.methods._core import SPACE_DOC, MergeSpace, core_matrices, small_maths
+from soupkit.methods._global import global_thresholds
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
 from soupkit.ops import best_rank_k, dense_delta, disjoint_mean, drop_and_rescale, elect_sign, trim_to_density
 
@@ -81,8 +82,6 @@ class DenseMethod(MergeMethod):
         fractions = self.global_fractions(params)
         if fractions is None:
             return None
-        from soupkit.methods._global import global_thresholds
-
         def magnitudes(mod: ModuleInputs) -> list[torch.Tensor]:
             if in_core(params):
                 with small_maths(mod.factors[0].A):

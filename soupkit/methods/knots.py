@@ -18,6 +18,7 @@ from pydantic import Field
 
 from soupkit.methods import seeds
 from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, Density, ScaledParams, Scope, SignRule, uniform_for
+from soupkit.methods._global import global_thresholds
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
 from soupkit.ops import disjoint_mean, drop_and_rescale, eigh, elect_sign, trim_to_density, truncate_factors
 
@@ -61,8 +62,6 @@ class Knots(MergeMethod):
         p: Any = params
         if p.scope != "global":
             return None
-        from soupkit.methods._global import global_thresholds
-
         def magnitudes(mod: ModuleInputs) -> list[torch.Tensor]:
             return [Z.abs() for Z in self._coordinates(mod.factors, p, mod.ctx)[1]]
 
