@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from soupkit.ops import trim_to_density
+
 RANK_RTOL = 1e-6  # singular values below this fraction of the largest count as zero (as TSV's ranks, docs/methods.md)
 
 
@@ -120,10 +122,8 @@ def sign_conflict(deltas: list[torch.Tensor], density: float | None) -> float:
     positive = torch.zeros(deltas[0].shape, dtype=torch.int32, device=deltas[0].device)
     negative = torch.zeros_like(positive)
     for d in deltas:
-        if density is not None and density < 1.0:
-            k = int(density * d.numel())
-            keep = d.abs() >= torch.topk(d.abs().flatten(), k).values[-1] if k > 0 else torch.zeros_like(d, dtype=torch.bool)
-            d = torch.where(keep, d, torch.zeros_like(d))
+        if density is not None and density < 1.0:  # TIES' own trim (ops.trim_to_density): exact radix select
+            d = trim_to_density(d, density)
         positive += d > 0
         negative += d < 0
     shared = (positive + negative) >= 2
