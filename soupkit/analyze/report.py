@@ -83,8 +83,9 @@ def write_heatmaps(result: dict, out: Path) -> list[Path]:
         if not any(stat in r for r in records) and stat not in PER_PAIR:
             continue
         panels = _panels(records, stat, names)
-        if not panels or not any(r["layer"] is not None for r in records):
-            continue
+        values = [v for _, value in panels for r in records for v in [value(r)] if v is not None and not math.isnan(v)]
+        if not values or not any(r["layer"] is not None for r in records):
+            continue  # nothing to draw (e.g. sign conflicts with one adapter)
         fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 2.6 * len(panels), 1.6 + 0.22 * len({r["layer"] for r in records})), squeeze=False)
         for ax, (label, value) in zip(axes[0], panels, strict=True):
             layers, leaves, matrix = grid(records, value)
