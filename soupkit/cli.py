@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from soupkit.errors import SoupkitError
+from soupkit.errors import Interrupted, SoupkitError
+from soupkit.io.output_lock import stop_on_signals
 
 
 def examples(*commands: str) -> str:
@@ -16,7 +17,11 @@ def examples(*commands: str) -> str:
 
 
 class SoupkitGroup(click.Group):
-    """Prints user errors as one line on stderr and exits 2, without a traceback."""
+    """Prints user errors as one line on stderr and exits 2, without a traceback.
+
+    SIGINT and SIGTERM stop a command cleanly (its temporary output and lock are removed on the
+    way out) and exit 130 / 143 with one line.
+    """
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list with each command's whole first sentence, wrapped rather than cut with '...'."""
@@ -31,12 +36,16 @@ class SoupkitGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         try:
-            return super().invoke(ctx)
+            with stop_on_signals():
+                return super().invoke(ctx)
         except SoupkitError as err:
             more = len(getattr(err, "more", []))  # one line, whatever else is wrong: fix this first
             extra = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
             click.echo(f"error: {err.line()}{extra}", err=True)
             sys.exit(2)
+        except Interrupted as stop:
+            click.echo(f"soupkit: {stop.line()}", err=True)
+            sys.exit(stop.exit_code)
 
 
 @click.group(cls=SoupkitGroup)
@@ -69,7 +78,7 @@ def merge(
         loaded = loaded.model_copy(update={"output": output_type})
     out = out or Path(f"{recipe.stem}-merged")
     options = RunOptions(device, overwrite, dry_run, not quiet, shard_bytes=parse_size(shard_size))
-    report = merge_recipe(loaded, None if dry_run else out, options)
+    report = merge_recipe(loaded, None if dry_run else out, options, recipe_file=recipe)
     plan = report.plan
     if dry_run:
         click.echo(f"dry run: {len(plan.modules)} modules, rank {plan.rank}, would write {human_bytes(plan.bytes_written)}")
@@ -133,7 +142,7 @@ def analyze(recipe: Path, out: Path | None, dense: bool, no_base: bool, overwrit
 
     loaded = load_recipe(recipe)
     out = out or Path(f"{recipe.stem}-analysis")
-    result = analyze_to(loaded, out, dense=dense, base_norms=not no_base, overwrite=overwrite)
+    result = analyze_to(loaded, out, dense=dense, base_norms=not no_base, overwrite=overwrite, recipe_file=recipe)
     click.echo(format_table(result))
     click.echo(f"wrote {out}/analysis.json, table.md and one heatmap per statistic")
 

@@ -61,3 +61,31 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: raised in the main thread so every cleanup runs (see io.output_lock).
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it.
+
+    Args:
+        signum: the signal received.
+        published: the output had already been published when it arrived.
+    """
+
+    def __init__(self, signum: int, published: bool = False) -> None:
+        import signal
+
+        self.signum, self.published = signum, published
+        super().__init__(signal.Signals(signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process a signal stopped (130, 143)."""
+        return 128 + self.signum
+
+    def line(self) -> str:
+        name = str(self)
+        if self.published:
+            return f"stopped by {name} after the output was complete; it is in place"
+        return f"stopped by {name}; the unfinished output and its lock were removed, existing files are as they were"

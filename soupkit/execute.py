@@ -13,6 +13,7 @@ import torch
 from soupkit.errors import SoupkitError
 from soupkit.io.adapter import PREFIX, LoraAdapter, check_same_base
 from soupkit.io.base_model import BaseModelInfo
+from soupkit.io.output_guard import OutputTarget, check_apart
 from soupkit.io.resolve import hub_name, hub_pin, resolve_reference
 from soupkit.io.writer import SafetensorsStreamWriter, check_finite_cast, dtype_tag
 from soupkit.methods import LoraFactors, MergeContext, get_method
@@ -89,6 +90,15 @@ def memory_problem(plan: Plan, device: str = "cpu") -> SoupkitError | None:
         f"{plan.peak_bytes / 2**30:.1f} GiB (largest module, rank {plan.rank})",
         "lower merge.rank, use a factor-space method (svd, linear, lego), or a machine with more memory",
     )
+
+
+def check_inputs_apart(target: OutputTarget, inputs: Inputs, recipe_file: Path | None) -> None:
+    """The output must not be, hold or lie inside the base, an adapter, or their files; nor hold the recipe."""
+    folders = [("base model", inputs.base.directory)] + [(f"adapter '{a.name}'", a.directory) for a in inputs.adapters]
+    files = [("base model file", f) for f in inputs.base.files()]
+    files += [(f"adapter '{a.name}' file", f) for a in inputs.adapters for f in a.files()]
+    files += [("recipe file", recipe_file)] if recipe_file is not None else []
+    check_apart(target, folders, files)
 
 
 def resolve_device(name: str) -> torch.device:

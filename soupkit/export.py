@@ -15,11 +15,11 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from itertools import chain, groupby
 from operator import itemgetter
 from pathlib import Path
-from queue import Full, Queue
+from queue import Empty, Full, Queue
 from typing import TypeVar
 
 import torch
@@ -226,43 +226,56 @@ def release_per_layer(merged: Iterator[MergedModule], adapters: list[LoraAdapter
         yield item
 
 
-def in_background(items: Iterator[T], depth: int) -> Iterator[T]:
+def in_background(items: Iterator[T], depth: int, poll_s: float = 0.1) -> Iterator[T]:
     """Run ``items`` in a worker thread, ``depth`` ahead: maths and reads overlap the consumer's writes.
 
     torch ops and file I/O release the GIL, so on two cores the merge hides behind the disk.
-    An exception in the worker is re-raised here; stopping early stops the worker.
+    Worker and consumer stop each other on any error, and neither ever waits unboundedly: every
+    ``put``/``get`` polls a stop event every ``poll_s`` seconds. An exception in the worker is
+    re-raised here; the consumer stopping (an error while writing, a signal) stops the worker.
     """
     queue: Queue = Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
 
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=poll_s)
+                return True
+            except Full:
+                continue
+        return False
+
     def work() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        queue.put(item, timeout=0.1)
-                        break
-                    except Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
-            queue.put(done)
-        except BaseException as err:  # handed to the consumer, which raises it
-            queue.put(err)
+            offer(done)
+        except BaseException as err:  # noqa: BLE001 (handed to the consumer, which raises it)
+            offer(err)
         finally:
             getattr(items, "close", lambda: None)()  # release the producer's open files now
 
     worker = threading.Thread(target=work, name="soupkit-export", daemon=True)
     worker.start()
     try:
-        while (item := queue.get()) is not done:
+        while True:
+            try:
+                item = queue.get(timeout=poll_s)
+            except Empty:
+                if not worker.is_alive() and queue.empty():
+                    raise RuntimeError("the export worker stopped without a result") from None
+                continue
+            if item is done:
+                return
             if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
         stop.set()
-        worker.join()
+        worker.join()  # bounded: the worker checks ``stop`` at least every poll_s between items
 
 
 @contextmanager
@@ -314,7 +327,8 @@ def export_model(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pat
     blocks = fold_stream(order, specs, ranges, targets, merged, plan.fan_in_fan_out, energy, buffers)
     stream = in_background(blocks, QUEUE_DEPTH)
     spare_cores = max(1, (os.cpu_count() or 2) - 1)  # one core stays free for the writer
-    with maths_threads(spare_cores), ShardedWriter(tmp, specs, options.shard_bytes, {"format": "pt"}) as writer:
+    # closing(): a failed write stops the worker now, not whenever the generator is collected
+    with closing(stream), maths_threads(spare_cores), ShardedWriter(tmp, specs, options.shard_bytes, {"format": "pt"}) as writer:
         for key, group in groupby(stream, key=itemgetter(0)):
             first = next(group)[1]
             if isinstance(first, ByteRange):

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from soupkit.card import model_card
-from soupkit.execute import Inputs, RunOptions, memory_problem, plan_recipe, resolve_device, write_adapter
+from soupkit.execute import Inputs, RunOptions, check_inputs_apart, memory_problem, plan_recipe, resolve_device, write_adapter
 from soupkit.export import export_model
+from soupkit.io.output_guard import atomic_dir, check_replaceable, claim, resolve_output
 from soupkit.io.resolve import hub_name, hub_pin, lock_reference
-from soupkit.io.writer import atomic_output_dir, check_output_free
 from soupkit.plan import Plan
 from soupkit.recipe.lock import LOCK_NAME, file_hashes, write_lock
 from soupkit.recipe.schema import Recipe
@@ -29,29 +29,35 @@ class MergeReport:
     seconds: float = 0.0
 
 
-def merge_recipe(recipe: Recipe, out: Path | None, options: RunOptions = DEFAULT_OPTIONS) -> MergeReport:
+def merge_recipe(
+    recipe: Recipe, out: Path | None, options: RunOptions = DEFAULT_OPTIONS, recipe_file: Path | None = None
+) -> MergeReport:
     """Run a recipe: plan from headers, then stream the merge into ``out`` atomically.
 
     With ``options.dry_run`` only the plan is built. Raises SoupkitError for any user error,
-    before anything is written.
+    before anything is written. ``out`` is checked by :mod:`soupkit.io.output_guard` (docs/safety.md):
+    never an input or ``recipe_file`` (nor a folder holding one), replaced only if soupkit wrote it,
+    one writer at a time.
     """
     start = time.perf_counter()
-    if out is not None:
-        check_output_free(out, options.overwrite)
-    plan, inputs = plan_recipe(recipe)
+    target = resolve_output(out, "-o", "merge") if out is not None else None
+    plan, inputs = plan_recipe(recipe)  # headers only
     problem = memory_problem(plan, options.device)
     if problem is not None:
         raise problem
     report = MergeReport(plan=plan, out=out)
-    if options.dry_run or out is None:
+    if target is not None:  # before any work; replaceable is checked again under the lock
+        check_inputs_apart(target, inputs, recipe_file)
+        check_replaceable(target, options.overwrite)
+    if options.dry_run or target is None:
         return report
     resolve_device(options.device)
-    with atomic_output_dir(out, options.overwrite) as tmp:
+    with claim([target], options.overwrite, "soupkit merge"), atomic_dir(target, options.overwrite) as tmp:
         if recipe.output == "model":
-            report.energy_kept = export_model(recipe, plan, inputs, tmp, out, options)
+            report.energy_kept = export_model(recipe, plan, inputs, tmp, target.path, options)
         else:
-            report.energy_kept = write_adapter(recipe, plan, inputs, tmp, out, options)
-        write_sidecars(recipe, plan, inputs, tmp, out, report)
+            report.energy_kept = write_adapter(recipe, plan, inputs, tmp, target.path, options)
+        write_sidecars(recipe, plan, inputs, tmp, target.path, report)
     report.seconds = time.perf_counter() - start
     return report
 

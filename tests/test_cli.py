@@ -41,16 +41,18 @@ def test_lock_file_reruns_to_the_same_adapter(tmp_path: Path) -> None:
     assert (rerun / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
 
 
-def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
+def test_existing_output_needs_overwrite_and_only_soupkits_own_is_replaced(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    result = invoke("merge", str(ROOT / "recipes" / "cat.yaml"), "-o", str(out))
-    assert result.exit_code == 2 and "--overwrite" in result.output
-    assert (out / "keep.txt").read_text() == "mine"
+    assert invoke("merge", str(ROOT / "recipes" / "cat.yaml"), "-o", str(out), "--quiet").exit_code == 0
+    result = invoke("merge", str(ROOT / "recipes" / "linear.yaml"), "-o", str(out))
+    assert result.exit_code == 2 and "pass --overwrite" in result.output
+    result = invoke("merge", str(ROOT / "recipes" / "linear.yaml"), "-o", str(out), "--overwrite", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "linear" in (out / "soupkit.lock.yaml").read_text()
+    (out / "keep.txt").write_text("mine")  # a file soupkit did not write: the folder is no longer replaceable
     result = invoke("merge", str(ROOT / "recipes" / "cat.yaml"), "-o", str(out), "--overwrite", "--quiet")
-    assert result.exit_code == 0 and not (out / "keep.txt").exists()
-    assert (out / "adapter_model.safetensors").is_file()
+    assert result.exit_code == 2 and "files soupkit did not write (keep.txt)" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_validate_plan_methods_inspect() -> None:

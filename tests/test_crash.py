@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from soupkit.cli import main
-from soupkit.io.writer import recover_stale
+from soupkit.io.output_guard import recover_stale
 
 from conftest import tiny_recipe, write_recipe
 

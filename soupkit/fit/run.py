@@ -8,6 +8,7 @@ The fitted recipe is the input recipe with one ``merge.modules`` override per ad
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,17 @@ from soupkit.fit.data import load_examples, split_heldout
 from soupkit.fit.model import CatFitModel, build_fit_model
 from soupkit.fit.report import weights_by_module, write_report
 from soupkit.fit.train import FitOptions, FitState, make_accelerator, train, with_autocast, with_weights
+from soupkit.io.output_guard import (
+    FITTED_HEADER,
+    OutputTarget,
+    atomic_dir,
+    atomic_file,
+    check_apart,
+    check_disjoint,
+    check_replaceable,
+    claim,
+    resolve_output,
+)
 from soupkit.io.resolve import resolve_reference
 from soupkit.recipe import Recipe, load_recipe
 
@@ -50,9 +62,7 @@ def run_fit_alpha(
     """
     recipe = load_recipe(recipe_path)
     out, report_dir = default_paths(recipe_path, out, report_dir)
-    for path in (out, report_dir):
-        if path.exists() and not overwrite:
-            raise SoupkitError(str(path), "a path that does not exist yet", "an existing one", "pass --overwrite or choose another -o/--report-dir")
+    targets = fit_output_targets(recipe_path, recipe, [data, eval_data], out, report_dir, overwrite)
     if options.search == "lorahub" and options.init == "recipe":
         raise SoupkitError("--init", "uniform with --search lorahub (LoraHub starts every weight at 0)", "recipe", "drop --init recipe")
     if recipe.merge.method != "cat":
@@ -66,18 +76,45 @@ def run_fit_alpha(
         train_set, eval_set = split_heldout(train_set, options.heldout_fraction, options.seed)
     accelerator = make_accelerator(options)
     options = resolve_sharding(options, accelerator)
-    model, recipe_weights = load_fit_model(recipe, options, accelerator)
-    state = fit(accelerator, model, recipe_weights, train_set, eval_set, pad_id, options)
+    with claim(targets, overwrite, "soupkit fit-alpha") if accelerator.is_main_process else nullcontext():  # one writer per output
+        model, recipe_weights = load_fit_model(recipe, options, accelerator)
+        state = fit(accelerator, model, recipe_weights, train_set, eval_set, pad_id, options)
+        return write_fitted(recipe_path, recipe, state, model, targets, options, overwrite, accelerator)
+
+
+def fit_output_targets(
+    recipe_path: Path, recipe: Recipe, data: list[str | None], out: Path, report_dir: Path, overwrite: bool
+) -> list[OutputTarget]:
+    """Check both outputs before any work: writable, apart from every input, replaceable (docs/safety.md)."""
+    targets = [resolve_output(out, "-o", "fitted-recipe"), resolve_output(report_dir, "--report-dir", "fit-report")]
+    check_disjoint(targets)
+    folders = [("base model", resolve_reference(recipe.base_model, recipe.root, "base_model", "base+tokenizer"))]
+    folders += [(f"adapter '{a.name}'", resolve_reference(a.path, recipe.root, f"adapters.{i}.path")) for i, a in enumerate(recipe.adapters)]
+    files = [("recipe file", recipe_path)] + [("data file", Path(d)) for d in data if d and Path(d).expanduser().exists()]
+    for target in targets:
+        check_apart(target, folders, files)
+        check_replaceable(target, overwrite)
+    return targets
+
+
+def write_fitted(
+    recipe_path: Path, recipe: Recipe, state: FitState, model: CatFitModel, targets: list[OutputTarget], options: FitOptions, overwrite: bool,
+    accelerator: Any,
+) -> FitOutcome:
+    """(Main process) publish the report folder and the fitted recipe, each atomically."""
+    out = targets[0].path
     names = [a.name for a in recipe.adapters]
     weights = weights_by_module(state.weights, model.targets, names)
     fitted = fitted_recipe_data(recipe_path, recipe, weights, out)
-    Recipe.from_dict(fitted, out.resolve().parent)  # what we write must load as a recipe
+    Recipe.from_dict(fitted, out.parent)  # what we write must load as a recipe
     if accelerator.is_main_process:
-        write_yaml(out, fitted, header=f"fitted by soupkit fit-alpha from {recipe_path.name} ({options.search}); see {report_dir}")
-        write_report(report_dir, build_report(state, options, weights, names), state.weights, model.targets, names)
+        header = f"{FITTED_HEADER} from {recipe_path.name} ({options.search}); see {targets[1].given}"
+        with atomic_dir(targets[1], overwrite) as tmp:
+            write_report(tmp, build_report(state, options, weights, names), state.weights, model.targets, names)
+        atomic_file(targets[0], overwrite, f"{header}\n" + yaml.safe_dump(fitted, sort_keys=False))
     accelerator.wait_for_everyone()
     speed = state.tokens / state.seconds if state.seconds else 0.0
-    return FitOutcome(out, report_dir, state.heldout, state.steps, speed, accelerator.is_main_process)
+    return FitOutcome(targets[0].given, targets[1].given, state.heldout, state.steps, speed, accelerator.is_main_process)
 
 
 def resolve_sharding(options: FitOptions, accelerator: Any) -> FitOptions:
@@ -189,17 +226,10 @@ def _rebase(ref: str, root: Path, target: Path) -> str:
     return os.path.relpath(local.resolve(), target) if local.is_dir() else ref
 
 
-def write_yaml(path: Path, data: dict, header: str) -> None:
-    """Write atomically (temporary file, then rename): never a half-written recipe."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"# {header}\n" + yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
-
-
 def build_report(state: FitState, options: FitOptions, weights: dict[str, dict[str, float]], names: list[str]) -> dict[str, Any]:
     """The fit_report.json content."""
     return {
+        "written_by": "soupkit fit-alpha",  # first key: the marker --overwrite checks (io.output_guard.REPORT_MARKER)
         "adapters": names,
         "search": options.search,
         "granularity": "adapter" if options.search == "lorahub" else options.granularity,

@@ -16,8 +16,10 @@ from pathlib import Path
 import yaml
 
 import soupkit
+from soupkit.io.output_guard import LOCK_HEADER, LOCK_NAME
 
-LOCK_NAME = "soupkit.lock.yaml"
+__all__ = ["LOCK_NAME", "file_hashes", "write_lock"]
+
 CHUNK = 1 << 20
 
 
@@ -80,4 +82,4 @@ def write_lock(path: Path, resolved: dict, inputs: dict, report: dict, outputs: 
     """
     meta = {"inputs": inputs, "outputs": outputs or {}, "versions": versions(), "report": report}
     text = yaml.safe_dump(resolved, sort_keys=False) + yaml.safe_dump({"soupkit_lock": meta}, sort_keys=False)
-    path.write_text("# Written by soupkit: the resolved recipe, input hashes and versions.\n" + text)
+    path.write_text(LOCK_HEADER + "\n" + text)  # the marker --overwrite checks (io.output_guard)
