@@ -14,6 +14,7 @@ from typing import Self
 
 import torch
 
+from soupkit.errors import SoupkitError
 from soupkit.io.tensor_index import DTYPES, TAG_OF_DTYPE
 from soupkit.ops import all_finite
 
