@@ -1,0 +1,131 @@
+"""Elementwise merging primitives (TIES, DARE, DELLA, breadcrumbs) and exact magnitude thresholds."""
+
+from __future__ import annotations
+
+import torch
+
+# Inputs are dense (d_out, d_in) tensors or stacks (n, d_out, d_in); outputs keep the input's device and dtype.
+
+RADIX_HIGH = 1 << 15  # buckets of the high 16 bits of a finite non-negative float32 (sign bit 0)
+RADIX_LOW = 1 << 16
+
+
+def radix_keys(magnitudes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 16 bits of non-negative float32 values, flattened.
+
+    For non-negative floats the bit pattern, read as an integer, orders like the value, so
+    counting high halves then low halves finds any order statistic exactly in two passes.
+    """
+    bits = magnitudes.float().contiguous().view(torch.int32).reshape(-1)
+    return bits >> 16, bits & 0xFFFF
+
+
+def select_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest entry (1-based) given ascending bucket counts.
+
+    Returns:
+        (bucket index, number of entries in the buckets above it).
+    """
+    from_top = counts.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor([k], device=counts.device, dtype=from_top.dtype))[0])
+    return counts.numel() - 1 - j, int(from_top[j - 1]) if j > 0 else 0
+
+
+def float_from_radix(high: int, low: int) -> float:
+    return float(torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32)[0])
+
+
+def kth_largest_magnitude(magnitudes: torch.Tensor, k: int) -> float:
+    """Exact k-th largest of non-negative finite values (any shape), 1 <= k <= numel.
+
+    Radix selection on the float bits: two ``bincount`` passes, no sort (O(n), works on GPU).
+    """
+    if not 1 <= k <= magnitudes.numel():
+        raise ValueError(f"k={k} outside 1..{magnitudes.numel()}")
+    if magnitudes.dtype == torch.float64:  # float32 bits would round the answer
+        flat = magnitudes.reshape(-1)
+        return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    bits = magnitudes.float().contiguous().view(torch.int32).reshape(-1)
+    high = bits >> 16
+    h, above = select_bucket(torch.bincount(high, minlength=RADIX_HIGH), k)
+    low, _ = select_bucket(torch.bincount(bits[high == h] & 0xFFFF, minlength=RADIX_LOW), k - above)
+    return float_from_radix(h, low)
+
+
+def top_fraction_threshold(magnitudes: torch.Tensor, density: float) -> float:
+    """The magnitude t such that ``magnitudes >= t`` keeps the top ``int(density * numel)`` entries.
+
+    Returns +inf when nothing is kept and 0.0 when everything is (ties at t are all kept).
+    """
+    k = int(density * magnitudes.numel())
+    if k <= 0:
+        return float("inf")
+    if k >= magnitudes.numel():
+        return 0.0
+    return kth_largest_magnitude(magnitudes, k)
+
+
+def trim_to_density(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+    """TIES trim: keep the entries with the largest |.| (top ``density`` fraction), zero the rest.
+
+    ``threshold`` (a global magnitude, see ``soupkit.methods._global``) replaces the per-tensor one.
+    """
+    mag = delta.abs()
+    t = top_fraction_threshold(mag, density) if threshold is None else threshold
+    return torch.where(mag >= t, delta, torch.zeros_like(delta)) if t > 0 else delta
+
+
+def elect_sign(stack: torch.Tensor, method: str = "total") -> torch.Tensor:
+    """TIES sign election over a stack (n, ...): +1/-1 per entry; a tie (0) elects +1, as PEFT.
+
+    ``total``: sign of the sum of the values; ``frequency``: sign of the sum of their signs.
+    """
+    votes = torch.zeros_like(stack[0])
+    for x in stack:
+        votes.add_(x if method == "total" else x.sign())
+    return torch.where(votes >= 0, 1.0, -1.0).to(stack.dtype)
+
+
+def disjoint_mean(stack: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """TIES disjoint merge: mean over the entries whose sign equals the elected one (zeros never count).
+
+    ``sum_i [sign(x_i) == g] x_i / max(1, #{i: sign(x_i) == g})`` per entry, with stack (n, ...).
+    """
+    total = torch.zeros_like(stack[0])
+    count = torch.zeros_like(stack[0])
+    for x in stack:  # a loop of elementwise passes: faster on CPU than reductions over dim 0
+        agree = (x * sign > 0).to(x.dtype)  # same sign as the elected one; zeros never agree
+        total.addcmul_(x, agree)
+        count.add_(agree)
+    return total.div_(count.clamp_min_(1))
+
+
+def drop_and_rescale(delta: torch.Tensor, keep: torch.Tensor | float, uniform: torch.Tensor) -> torch.Tensor:
+    """DARE / DELLA drop: keep each entry with probability ``keep`` (scalar or per entry), rescale by 1/keep.
+
+    Unbiased: E[result] = delta. ``uniform`` holds U[0,1) draws of delta's shape; entries with keep 0 vanish.
+    """
+    keep_t = torch.as_tensor(keep, dtype=delta.dtype, device=delta.device)
+    kept = uniform < keep_t
+    return torch.where(kept, delta / keep_t.clamp_min(1e-12), torch.zeros_like(delta))
+
+
+def della_keep_probability(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA MagPrune keep probabilities: per row, ranked by |.|, linear from density-eps to density+eps.
+
+    p = (density - eps) + 2 eps * rn with rn = rank / (n - 1) in [0, 1] (rank 0 = smallest |.| of
+    the row), clamped to [0, 1]. The row mean is ``density`` before clamping.
+    """
+    n = delta.shape[-1]
+    order = delta.abs().argsort(dim=-1, stable=True)  # ties ranked by position: the same order on every device
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(n, device=delta.device).expand_as(order))
+    # Divide by a tensor on the device, not a Python number: CUDA turns division by a host scalar into
+    # multiplication by its reciprocal (other rounding), the CPU divides; a device tensor divides on both.
+    rn = ranks.to(delta.dtype) / torch.full((), max(n - 1, 1), dtype=delta.dtype, device=delta.device)
+    return ((density - epsilon) + 2 * epsilon * rn).clamp(0.0, 1.0)
+
+
+def band_mask(magnitudes: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Breadcrumbs: True where low <= |x| < high (drop the outliers above, the small ones below)."""
+    return (magnitudes >= low) & (magnitudes < high)
