@@ -4,6 +4,7 @@
     python benchmarks/bench_fit.py dp     # >= 2 GPUs: accelerate launch, 1 vs 2 processes, same global batch
     python benchmarks/bench_fit.py fsdp   # >= 2 GPUs: sharded Llama-3-70B/8B shapes vs the floor, FSDP vs DDP (bench_fit_fsdp.py)
     python benchmarks/bench_fit.py fsdp-check  # >= 2 GPUs: FSDP2 config vs 1 process; bf16 drift vs repeat and seed spread
+    python benchmarks/bench_fit.py host-memory  # CPU: peak host RSS per process, sharded vs whole-model loading
     python benchmarks/bench_fit.py bf16-determinism  # one GPU: run-to-run spread of the bf16 logits gradient per attention backend
 
 ``step`` times forward+backward (+ the Adam step on the logits) on batch 8 x 512 tokens for three
@@ -222,7 +223,8 @@ def bench_dp(work: Path = Path("/tmp/fitdp")) -> None:
 
 
 if __name__ == "__main__":
-    from benchmarks.bench_fit_fsdp import bench_bf16_determinism, bench_fsdp, bench_fsdp_check
+    from benchmarks.bench_fit_fsdp import bench_bf16_determinism, bench_fsdp, bench_fsdp_check, bench_host_memory
 
-    modes = {"step": bench_step, "dp": bench_dp, "fsdp": bench_fsdp, "fsdp-check": bench_fsdp_check, "bf16-determinism": bench_bf16_determinism}
+    modes = {"step": bench_step, "dp": bench_dp, "fsdp": bench_fsdp, "fsdp-check": bench_fsdp_check, "bf16-determinism": bench_bf16_determinism,
+             "host-memory": bench_host_memory}
     modes[sys.argv[1] if len(sys.argv) > 1 else "step"]()

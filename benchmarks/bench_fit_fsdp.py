@@ -348,6 +348,35 @@ def bench_fsdp_check(work: Path = Path("/tmp/fitfsdp"), seq: int = 512) -> None:
     (OUT / "bench_fit_fsdp_check.json").write_text(json.dumps(summary, indent=2))
 
 
+def bench_host_memory(work: Path = Path("/tmp/fitrss")) -> None:
+    """Peak host RSS per process while fitting (CPU, gloo): 2 sharded processes (each reads its rows of
+    a 1.0 GB float32 checkpoint in 200 MB files) vs 2 data-parallel processes and 1 process (each
+    loads the whole base with from_pretrained). 2 short steps: loading dominates the peak."""
+    from soupkit.testing import make_base, make_lora, tiny_llama_config
+
+    work.mkdir(parents=True, exist_ok=True)
+    config = tiny_llama_config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8)
+    if not (work / "base" / "model.safetensors.index.json").exists():
+        base = make_base(work / "base", seed=0, config=config, max_shard_size="200MB")
+        for i, name in enumerate(["a", "b"]):
+            make_lora(base, work / name, seed=i + 1, r=32, lora_alpha=64, target_modules=TARGETS, b_scale=2.0)
+    (work / "r.yaml").write_text("base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n")
+    (work / "d.jsonl").write_text("".join(json.dumps({"text": f"sample text number {i} " * 3}) + "\n" for i in range(8)))
+    checkpoint = sum(f.stat().st_size for f in (work / "base").glob("*.safetensors"))
+    fit = ["-m", "soupkit", "fit-alpha", "r.yaml", "--data", "d.jsonl", "--eval-data", "d.jsonl", "--steps", "2", "--batch-size", "1",
+           "--seq-len", "32", "--eval-every", "2", "--device", "cpu", "--overwrite"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29655"]
+    runs = {"2 processes, --shard": [*two, *fit, "--shard"], "2 processes, data parallel": [*two, *fit], "1 process": [sys.executable, *fit]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    result = {"checkpoint_bytes": checkpoint, "files": len(list((work / "base").glob("*.safetensors")))}
+    for i, (label, cmd) in enumerate(runs.items()):
+        subprocess.run([*cmd, "-o", f"run{i}.yaml"], cwd=work, env=env, check=True, capture_output=True)
+        report = json.loads((work / f"run{i}-report" / "fit_report.json").read_text())
+        result[label] = report["peak_host_rss_bytes"]
+        print(f"{label}: peak host RSS per process {report['peak_host_rss_bytes'] / 2**30:.2f} GiB (checkpoint {checkpoint / 2**30:.2f} GiB)", flush=True)
+    (OUT / "bench_fit_host_memory.json").write_text(json.dumps(result, indent=2))
+
+
 def bench_bf16_determinism(work: Path = Path("/tmp/fitdet"), seq: int = 512) -> None:
     """Is one GPU's bf16 gradient of the logits reproducible? Same weights, same batch, 4 repeats per
     attention backend; the spread is compared with the gradient itself (Adam's step is ~lr * sign(g)

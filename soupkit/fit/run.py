@@ -202,8 +202,16 @@ def fit(
     state.heldout = {**heldout, **state.heldout}
     state.device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu"
     state.peak_memory_bytes = torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda" else None
-    state.extra = {"train_examples": len(train_set), "heldout_examples": len(eval_set)}
+    state.extra = {"train_examples": len(train_set), "heldout_examples": len(eval_set), "peak_host_rss_bytes": peak_host_rss(accelerator)}
     return state
+
+
+def peak_host_rss(accelerator: Any) -> int:
+    """The largest peak resident host memory of any process so far (bytes; loading included)."""
+    import resource
+
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], device=accelerator.device)  # Linux: KiB
+    return int(accelerator.gather(mine).max())
 
 
 def fitted_recipe_data(recipe_path: Path, recipe: Recipe, weights: dict[str, dict[str, float]], out: Path) -> dict:

@@ -138,8 +138,14 @@ class TensorIndex:
         return self._handle(key).get_tensor(key)  # type: ignore[attr-defined]
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Read rows ``start:stop`` of one tensor (dim 0) and nothing else from disk (CPU, stored dtype)."""
-        return self._handle(key).get_slice(key)[start:stop]  # type: ignore[attr-defined]
+        """Read rows ``start:stop`` of one tensor (dim 0) from disk (CPU, stored dtype).
+
+        Through a handle of its own, dropped on return: the file's mapped pages are released at
+        once, so reading a model shard by shard keeps host memory near one tensor's rows (a kept
+        handle would leave every page read so far resident).
+        """
+        handle = safe_open(str(self.infos[key].file), framework="pt", device="cpu")
+        return handle.get_slice(key)[start:stop]  # type: ignore[attr-defined]
 
     def close(self) -> None:
         self._handles.clear()
