@@ -195,6 +195,7 @@ def test_accumulation_splits_give_the_same_weights(tmp_path: Path) -> None:
 def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_path: Path) -> None:
     """Data parallel on CPU (torchrun, gloo): 2 processes x batch 4 == 1 process x batch 4 x accum 2."""
     import os
+    import socket
     import subprocess
     import sys
 
@@ -204,7 +205,10 @@ def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_pa
     recipe = write_recipe(tmp_path, tiny_recipe("cat"))
     args = ["fit-alpha", str(recipe), "--data", str(train), "--eval-data", str(heldout), "--steps", "4", "--batch-size", "4", "--lr", "0.1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "soupkit"]
+    with socket.socket() as probe:  # a free port: a fixed one collides with other test runs on the machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m", "soupkit"]
     subprocess.run([*launch, *args, "-o", str(tmp_path / "two.yaml")], check=True, env=env, capture_output=True)
     result = CliRunner().invoke(main, [*args, "--grad-accum", "2", "-o", str(tmp_path / "one.yaml")])
     assert result.exit_code == 0, result.output
