@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import TINY
 
 from soupkit.cli import main
 from soupkit.errors import SoupkitError
+
+from conftest import TINY
 
 
 def tree_state(root: Path) -> dict[str, str]:
