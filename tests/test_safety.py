@@ -246,6 +246,17 @@ def test_symlinked_out_is_resolved_and_replaced_cleanly(tmp_path: Path, monkeypa
     assert [p.name for p in tmp_path.iterdir() if ".soupkit-" in p.name] == []
 
 
+def test_output_beside_the_recipe_is_the_normal_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`-o out` next to recipe.yaml (run from the recipe's folder) writes out/ and touches nothing else."""
+    world = World(tmp_path)
+    monkeypatch.chdir(world.recipes)
+    before = tree_state(world.inputs)
+    result = CliRunner().invoke(main, ["merge", "recipe.yaml", "-o", "out", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in world.recipes.iterdir()) == ["model.yaml", "out", "recipe.yaml"]
+    assert tree_state(world.inputs) == before
+
+
 def test_analyze_replaces_its_own_output_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     world = World(tmp_path)
     monkeypatch.chdir(world.work)
