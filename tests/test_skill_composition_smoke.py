@@ -130,18 +130,16 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     from examples.skill_composition.run import main
 
     results = main(["--out", str(tmp_path), "--smoke"])
-    for name in ("results.json", "table.md", "chart.png"):
+    for name in ("results.json", "table.md", "chart.png", "fitted_weights.png"):
         assert (tmp_path / name).stat().st_size > 0
     by_name = {e["name"]: e for e in results["table"]}
     assert list(by_name) == [r.name for r in rows(SMOKE)]
-    seed = tmp_path / "seed0"
+    assert {f"{m} 1/1" for m in REGISTRY} <= set(by_name)  # every registered method appears by itself
+    seed = tmp_path / f"run-{SMOKE.key()}" / "seed0"
     for row in rows(SMOKE):
         entry = by_name[row.name]
-        runnable = (
-            row.kind in ("base", "adapter")
-            or (row.kind == "merge" and row.method in REGISTRY)
-            or (row.kind == "fit" and "fit-alpha" in cli.commands)
-        )
+        runnable = row.kind in ("base", "adapter", "train", "sweep") or (row.kind == "merge" and row.method in REGISTRY)
+        runnable = runnable or (row.kind == "fit" and "fit-alpha" in cli.commands)
         if runnable:  # rows soupkit can run must run; the rest say why not
             assert entry["seeds_ok"] == 1, entry.get("not_available")
         else:
@@ -158,6 +156,74 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert set(merged) == set(math_d)
     for key, delta in merged.items():
         torch.testing.assert_close(delta, math_d[key] + code_d[key], atol=1e-5, rtol=1e-4)
-    stats = json.loads((seed / "rows.json").read_text())["adapter_stats"]
-    assert set(stats["ratio"]) >= {"math", "code", "mix", "calib"}
+    stats = json.loads((seed / "adapters.json").read_text())["adapter_stats"]
+    assert set(stats["ratio"]) >= {"math", "code", "mix"}
     assert -1.0 <= stats["cosine"]["mean"] <= 1.0
+    sweep = next(r for r in results["per_seed"]["0"]["rows"] if r["kind"] == "sweep")
+    assert len(sweep["sweep"]["grid"]) == len(SMOKE.sweep_math) * len(SMOKE.sweep_code)
+
+    # Other settings in the same folder: new stage folders, the first run's untouched, the right config
+    # reported (a full run on a smoke folder used to reuse the smoke base and report the wrong config).
+    before = {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()}
+    other = main(["--out", str(tmp_path), "--smoke", "--seeds", "7", "--minutes", "0"])
+    assert other["config"]["seeds"] == [7] and other["run_dir"] != results["run_dir"]
+    assert all(e["seeds_ok"] == 0 for e in other["table"])  # nothing reused from the first run
+    assert {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()} == before
+
+
+def test_stage_keys_follow_the_settings():
+    from dataclasses import replace
+
+    from examples.skill_composition.config import BASE_FIELDS, SMOKE, SMOLLM2, TOY
+
+    assert SMOKE.key() != TOY.key() != SMOLLM2.key()
+    assert SMOKE.key(BASE_FIELDS) != TOY.key(BASE_FIELDS)  # a smoke base is never taken for the full toy base
+    more_steps = replace(SMOKE, lora_steps=SMOKE.lora_steps + 1)
+    assert more_steps.key() != SMOKE.key() and more_steps.key(BASE_FIELDS) == SMOKE.key(BASE_FIELDS)
+
+
+def test_no_training_set_holds_the_composite_format():
+    from examples.skill_composition.config import SMOLLM2_TINY
+    from examples.skill_composition.run import splits
+
+    sets = splits(SMOLLM2_TINY, 0)
+    for name in ("math", "code", "mix"):
+        assert not any(D.COMPOSITE_ASK in e.prompt for e in sets[name])
+        assert all(e.task in ("math", "code") for e in sets[name])
+    assert all(e.prompt.startswith(D.COMPOSITE_ASK) for e in sets["eval_composite"] + sets["val_composite"])
+    for e in D.make_split("composite", 50, 0, "chat"):
+        assert score_program(e.completion, e.answer) == (True, True)
+        assert min(program_shape(e.completion)[1][0], e.answer) >= 0 and program_shape(e.completion)[1][0] >= 1000
+    for e in D.make_split("math", 50, 0, "chat"):
+        assert score_math(e.completion, e.answer) == (True, True)
+    test_prompts = {e.prompt for e in sets["eval_composite"]}
+    assert not test_prompts & {e.prompt for e in sets["val_composite"] + sets["calib:k=16 target"]}
+
+
+def test_plain_delta_reader_equals_peft_merge_and_unload(tmp_path):
+    """The working model's deltas (W0 + s B A, rank/alpha patterns) equal PEFT's merge_and_unload."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from soupkit.testing import tiny_llama_config
+
+    from examples.skill_composition.weights import WorkingModel, adapter_deltas, peft_deltas
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_llama_config()).eval()
+    spec = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 2},
+                      alpha_pattern={"down_proj": 6}, init_lora_weights=False)
+    get_peft_model(base, spec).save_pretrained(tmp_path / "a")
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_llama_config()).eval()  # unwrapped again (PEFT wrapped the first)
+    want = peft_deltas(base, tmp_path / "a")
+    got = adapter_deltas(tmp_path / "a", torch.device("cpu"))
+    assert set(got) == set(want) and len(got) == 4
+    for path, delta in want.items():
+        torch.testing.assert_close(got[path], delta, rtol=1e-5, atol=1e-6)
+    model = WorkingModel(base)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model.set_adapter(tmp_path / "a")
+    assert not torch.equal(base.state_dict()["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    model.reset()
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

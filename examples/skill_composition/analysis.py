@@ -30,7 +30,7 @@ def _base_norms(base_dir: Path, paths: list[str]) -> dict[str, float]:
         with safe_open(str(file), "pt") as handle:
             for path in paths:
                 key = f"{path}.weight"
-                if key in handle.keys():
+                if key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
                     norms[path] = float(handle.get_tensor(key).double().norm())
     return norms
 

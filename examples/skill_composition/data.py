@@ -15,6 +15,14 @@ Composite (held out from every training set): A's word problems with large numbe
 prompted with B's answer header ``Code:`` and scored by running the returned program through the
 safe evaluator in ``safe_eval.py``.
 
+The ``chat`` style (SmolLM2, prompts go through the chat template) asks in plain words instead:
+    math:      Tom has 3 apples. Tom buys 4 more apples. How many apples does Tom have now?
+               -> 3 + 4 = 7. The answer is 7.
+    code:      Write a Python function solution() that starts with 5069, then subtract 607, then add 526,
+               and returns the result.  -> def solution(): ...
+    composite: Write a Python function solution() that returns the answer to this problem: <a math
+               story with 4-digit numbers>  -> def solution(): ...
+
 The generic pretraining corpus holds the vocabulary of both skills (stories with quantities,
 arithmetic facts, lines of code) and the ability to read a story and copy its numbers, but never
 the ``Problem:/Answer:`` or ``Task:/Code:`` formats.
@@ -126,11 +134,70 @@ def composite_example(rng: random.Random) -> Example:
     return Example(prompt, program(start, steps), evaluate_steps(start, steps), "composite")
 
 
-def make_split(kind: str, n: int, seed: int) -> list[Example]:
-    """``n`` examples of ``kind`` (math | code | composite) from a seeded generator."""
-    maker = {"math": math_example, "code": code_example, "composite": composite_example}[kind]
-    rng = random.Random(f"{kind}|{seed}")
-    return [maker(rng) for _ in range(n)]
+def make_split(kind: str, n: int, seed: int, style: str = "toy") -> list[Example]:
+    """``n`` examples of ``kind`` (math | code | composite) from a seeded generator, in ``style``
+    (toy: ``Problem:/Code:`` headers; chat: plain-language requests for a chat model)."""
+    makers = {
+        "toy": {"math": math_example, "code": code_example, "composite": composite_example},
+        "chat": {"math": chat_math_example, "code": chat_code_example, "composite": chat_composite_example},
+    }
+    rng = random.Random(f"{kind}|{seed}" if style == "toy" else f"{style}|{kind}|{seed}")
+    return [makers[style][kind](rng) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- chat style (SmolLM2)
+
+COMPOSITE_ASK = "Write a Python function solution() that returns the answer to this problem: "
+CHAT_MUL = ["Then the number of {i} that {p} has doubles.", "Then the number of {i} that {p} has triples."]
+
+
+def _chat_steps(rng: random.Random, start: int, large: bool) -> list[tuple[str, int]]:
+    """1-2 of: buys N more, gives away N (< what is left), doubles/triples; N 1-20, or 100-9999 if ``large``."""
+    value, steps = start, []
+    for _ in range(rng.randint(1, 2)):
+        op = rng.choice(["add", "sub", "mul"] if value > 1 else ["add", "mul"])
+        n = {"add": rng.randint(100, 9999) if large else rng.randint(1, 20), "mul": rng.randint(2, 3)}.get(op)
+        if op == "sub":
+            n = rng.randint(max(1, value // 10), value - 1) if large else rng.randint(1, min(20, value - 1))
+        value = evaluate_steps(value, [(op, n)])
+        steps.append((op, n))
+    return steps
+
+
+def _chat_story(rng: random.Random, large: bool) -> tuple[str, int, list[tuple[str, int]]]:
+    person, item = rng.choice(NAMES), rng.choice(ITEMS)
+    start = rng.randint(1000, 9999) if large else rng.randint(2, 20)
+    steps = _chat_steps(rng, start, large)
+    lines = [f"{person} has {start} {item}."]
+    for op, n in steps:
+        if op == "mul":
+            lines.append(CHAT_MUL[n - 2].format(p=person, i=item))
+        else:
+            lines.append(rng.choice(ADD_STORY if op == "add" else SUB_STORY).format(p=person, n=n, i=item))
+    return " ".join(lines) + f" How many {item} does {person} have now?", start, steps
+
+
+def chat_math_example(rng: random.Random) -> Example:
+    story, start, steps = _chat_story(rng, large=False)
+    value, parts = start, []
+    for op, n in steps:
+        new = evaluate_steps(value, [(op, n)])
+        parts.append(f"{value} {SYMBOL[op]} {n} = {new}.")
+        value = new
+    return Example(story, " ".join(parts) + f" The answer is {value}.", value, "math")
+
+
+def chat_code_example(rng: random.Random) -> Example:
+    start = rng.randint(100, 9999)
+    steps = [(op, rng.randint(2, 9) if op == "mul" else rng.randint(10, 999)) for op in rng.choices(["add", "sub", "mul"], k=rng.randint(1, 3))]
+    words = ", then ".join(WORD[op].format(n=n) for op, n in steps)
+    prompt = f"Write a Python function solution() that starts with {start}, then {words}, and returns the result."
+    return Example(prompt, program(start, steps).lstrip("\n"), evaluate_steps(start, steps), "code")
+
+
+def chat_composite_example(rng: random.Random) -> Example:
+    story, start, steps = _chat_story(rng, large=True)
+    return Example(COMPOSITE_ASK + story, program(start, steps).lstrip("\n"), evaluate_steps(start, steps), "composite")
 
 
 # ---------------------------------------------------------------- generic pretraining corpus

@@ -17,14 +17,25 @@ import yaml
 
 from examples.skill_composition.config import Config
 
+REGIMES = {  # calibration regime -> (fraction of each skill's training data, k target examples)
+    "5% skill data": (True, 0),
+    "k=4 target": (False, 4),
+    "k=16 target": (False, 16),
+    "k=64 target": (False, 64),
+    "5% skill data + k=16 target": (True, 16),
+}
+
 
 @dataclass(frozen=True)
 class Row:
     """One line of the table.
 
     kind: ``base`` (no adapter), ``adapter`` (a trained LoRA, ``sources[0]``), ``merge`` (recipe +
-    ``soupkit merge``) or ``fit`` (recipe + ``soupkit fit-alpha`` + ``soupkit merge``).
+    ``soupkit merge``), ``sweep`` (CAT weight sweep, pair chosen on the validation prompts), ``fit``
+    (recipe + ``soupkit fit-alpha`` on ``regime``'s data + ``soupkit merge``) or ``train`` (a control
+    LoRA trained on ``regime``'s data: fresh, or ``sources[0]`` trained further).
     sources: adapter keys (directories under the seed's ``adapters/``), aligned with ``weights``.
+    priority: order in which the runner takes rows (lower first), so a run cut short keeps the core.
     """
 
     name: str
@@ -35,32 +46,42 @@ class Row:
     params: dict = field(default_factory=dict)
     rank: int | None = None
     fit: dict = field(default_factory=dict)
+    regime: str | None = None
+    priority: int = 0
 
 
 def rows(cfg: Config) -> list[Row]:
-    d, r2 = cfg.density, 2 * cfg.rank
-    skills, one = ("math", "code"), (1.0, 1.0)
-    return [
+    """Every row, in table order: base and trained LoRAs, every registered method at fixed weights, the
+    CAT sweep, then per calibration regime the fitted CATs and their controls."""
+    from soupkit.methods import REGISTRY
+
+    skills, regimes = ("math", "code"), [r for r in REGIMES if REGIMES[r][1] in (0, *cfg.calib_k)]
+    out = [
         Row("base", "base"),
         Row("math LoRA", "adapter", ("math",)),
         Row("code LoRA", "adapter", ("code",)),
-        Row("data-mix LoRA", "adapter", ("mix",)),
-        Row("calib LoRA (control)", "adapter", ("calib",)),
-        Row("linear 0.5/0.5 r8", "merge", skills, (0.5, 0.5), "linear", rank=cfg.rank),
-        Row("linear 1/1 r8", "merge", skills, one, "linear", rank=cfg.rank),
-        Row("cat 0.5/0.5", "merge", skills, (0.5, 0.5), "cat"),
-        Row("cat 1/1", "merge", skills, one, "cat"),
-        Row("ties", "merge", skills, one, "ties", {"density": d}, rank=r2),
-        Row("dare_ties", "merge", skills, one, "dare_ties", {"density": d}, rank=r2),
-        Row("peft_ties", "merge", skills, one, "peft_ties", {"density": d}),
-        Row("peft_dare_ties", "merge", skills, one, "peft_dare_ties", {"density": d}),
-        Row("knots (ties)", "merge", skills, one, "knots", {"density": d}),
-        Row("lego k=2r", "merge", skills, one, "lego", rank=r2),
-        Row("lorahub", "fit", skills, one, "cat", fit={"search": "lorahub"}),
-        Row("cat fitted (softmax)", "fit", skills, (0.5, 0.5), "cat", fit={"constraint": "softmax"}),
-        Row("cat fitted (free)", "fit", skills, (0.5, 0.5), "cat", fit={"constraint": "free"}),
-        Row("cat fitted on random LoRAs (control)", "fit", ("rand_a", "rand_b"), (0.5, 0.5), fit={"constraint": "softmax"}),
+        Row("data-mix LoRA", "adapter", ("mix",), priority=1),
     ]
+    core = ("cat", "linear", "ties")
+    for method in sorted(REGISTRY, key=lambda m: (m not in core, m)):
+        for weights in cfg.fixed_weights:
+            label = "/".join(f"{w:g}" for w in weights)
+            out.append(Row(f"{method} {label}", "merge", skills, weights, method, priority=2 if method in core else 6))
+    n_val = cfg.val_composite
+    out.append(Row(f"cat sweep (chosen with {n_val} target examples)", "sweep", skills, priority=2))
+    for regime in regimes:
+        first = 3 if regime in ("5% skill data", "k=16 target") else 4
+        out += [
+            Row(f"cat fit softmax [{regime}]", "fit", skills, (0.5, 0.5), fit={"constraint": "softmax"}, regime=regime, priority=first),
+            Row(f"cat fit free [{regime}]", "fit", skills, (0.5, 0.5), fit={"constraint": "free"}, regime=regime, priority=first),
+            Row(f"control: fresh LoRA [{regime}]", "train", (), regime=regime, priority=first),
+            Row(f"control: code LoRA trained further [{regime}]", "train", ("code",), regime=regime, priority=first),
+            Row(f"control: cat fit over random LoRAs [{regime}]", "fit", ("rand_a", "rand_b"), (0.5, 0.5),
+                fit={"constraint": "softmax"}, regime=regime, priority=first + 1),
+        ]
+        if regime == "k=16 target":
+            out.append(Row(f"lorahub [{regime}]", "fit", skills, (1.0, 1.0), fit={"search": "lorahub"}, regime=regime, priority=5))
+    return out
 
 
 def slug(name: str) -> str:
@@ -89,7 +110,7 @@ def write_recipe(row: Row, seed_dir: Path, base_dir: Path, seed: int) -> Path:
     recipes = seed_dir / "recipes"
     recipes.mkdir(parents=True, exist_ok=True)
     path = recipes / f"{slug(row.name)}.yaml"
-    rel = lambda p: os.path.relpath(p, recipes)  # noqa: E731
+    rel = lambda p: os.path.relpath(p, recipes)
     merge: dict = {"method": row.method, **method_check(row)}
     if row.rank is not None:
         merge["rank"] = row.rank
@@ -123,32 +144,25 @@ def invoke(args: list[str]) -> str:
 
 
 def fit_args(row: Row, recipe: Path, calib: Path, fitted: Path, cfg: Config, seed: int, device: str) -> list[str]:
-    """``soupkit fit-alpha`` arguments for this row, using only options this soupkit has."""
+    """``soupkit fit-alpha`` arguments for this row: ``cfg.fit_steps`` steps, scored on the same data
+    at the end only (the few-shot regimes have no examples to spare for a held-out split)."""
     from soupkit.cli import main
 
-    command = main.commands.get("fit-alpha")
-    if command is None:
+    if "fit-alpha" not in main.commands:
         raise NotAvailable("`soupkit fit-alpha` does not exist in this soupkit")
-    options = {opt for param in command.params for opt in getattr(param, "opts", [])}
-    args = ["fit-alpha", str(recipe), "--data", str(calib), "-o", str(fitted)]
-    wanted = {"--seed": seed, "--lr": cfg.fit_lr, "--epochs": cfg.fit_epochs, "--device": device, "--overwrite": None}
+    args = ["fit-alpha", str(recipe), "--data", str(calib), "--eval-data", str(calib), "-o", str(fitted), "--seed", str(seed)]
+    args += ["--device", device, "--overwrite", "--seq-len", "256"]
     if "search" in row.fit:
-        wanted = {"--search": row.fit["search"], "--budget": cfg.lorahub_budget, "--seed": seed, "--device": device}
-        wanted["--overwrite"] = None
-    else:
-        wanted.update({"--granularity": "module", "--constraint": row.fit["constraint"], "--init": "uniform"})
-    for opt, value in wanted.items():
-        if opt in options:
-            args += [opt] if value is None else [opt, str(value)]
-        elif opt in ("--search", "--constraint", "--data"):
-            raise NotAvailable(f"`soupkit fit-alpha` has no {opt} option")
-    return args
+        n = sum(1 for _ in calib.open())
+        return args + ["--search", row.fit["search"], "--budget", str(cfg.lorahub_budget), "--lorahub-examples", str(min(n, 16))]
+    args += ["--steps", str(cfg.fit_steps), "--batch-size", str(cfg.fit_batch), "--lr", str(cfg.fit_lr)]
+    args += ["--eval-every", str(cfg.fit_steps), "--patience", "1000"]
+    return args + ["--granularity", "module", "--constraint", row.fit["constraint"], "--init", "uniform"]
 
 
-def run_row(
-    row: Row, seed_dir: Path, base_dir: Path, calib: Path, cfg: Config, seed: int, device: str
-) -> tuple[Path, list[str], Path]:
-    """Write the recipe, run the commands (fit-alpha on ``device``, merges on CPU).
+def run_row(row: Row, seed_dir: Path, base_dir: Path, cfg: Config, seed: int, device: str) -> tuple[Path, list[str], Path]:
+    """Write the recipe, run the commands (fit-alpha and merge on ``device``; fit rows use the
+    seed's ``calib_<regime>.jsonl``).
 
     Returns the merged adapter directory, the commands as a user would type them, and the recipe
     that was merged (the fitted one for ``fit`` rows)."""
@@ -156,12 +170,13 @@ def run_row(
     out = seed_dir / "merged" / slug(row.name)
     commands = []
     if row.kind == "fit":
+        calib = seed_dir / f"calib_{slug(row.regime)}.jsonl"
         fitted = recipe.with_name(recipe.stem + ".fitted.yaml")
         args = fit_args(row, recipe, calib, fitted, cfg, seed, device)
         commands.append("soupkit " + shlex.join(args))
         invoke(args)
         recipe = fitted
-    args = ["merge", str(recipe), "-o", str(out), "--overwrite", "--quiet"]
+    args = ["merge", str(recipe), "-o", str(out), "--overwrite", "--quiet", "--device", device]
     commands.append("soupkit " + shlex.join(args))
     invoke(args)
     return out, commands, recipe

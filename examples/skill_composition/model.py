@@ -43,6 +43,67 @@ class CharCodec:
             out.append(self.chars.get(i, ""))
         return "".join(out)
 
+    pad_id = PAD
+
+    def encode_pair(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        return self.encode(prompt), self.encode(completion) + [EOS]
+
+    def calib_record(self, prompt: str, completion: str) -> dict:
+        return {"prompt": prompt, "completion": completion + "</s>"}
+
+    def generate(self, model, prompts: list[str], max_new: int, batch_size: int) -> list[str]:
+        return generate(model, self, prompts, max_new, batch_size)
+
+
+class ChatCodec:
+    """A chat model's tokenizer: prompts go through its chat template; replies end at <|im_end|>
+    (the model may also start a new turn with <|im_start|>: generation stops there too)."""
+
+    STOPS = ("<|im_end|>", "<|im_start|>")
+
+    def __init__(self, base_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.stop_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in self.STOPS]
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                       tokenize=True, return_dict=False))
+
+    def encode_pair(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        full = list(self.tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False))
+        head = self.prompt_ids(prompt)
+        assert full[: len(head)] == head, "chat template: the prompt is not a prefix of the chat"
+        return head, full[len(head):]
+
+    def calib_record(self, prompt: str, completion: str) -> dict:
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+
+    def cut(self, text: str) -> str:
+        for stop in self.STOPS:
+            text = text.split(stop)[0]
+        return text
+
+    @torch.no_grad()
+    def generate(self, model, prompts: list[str], max_new: int, batch_size: int) -> list[str]:
+        """Greedy decoding of left-padded batches; each reply cut at the first end-of-turn token."""
+        device = next(model.parameters()).device
+        outs: list[str] = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = [self.prompt_ids(p) for p in prompts[i : i + batch_size]]
+            width = max(len(c) for c in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, c in enumerate(chunk):
+                ids[row, width - len(c) :], mask[row, width - len(c) :] = torch.tensor(c), 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                                 do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.stop_ids)
+            outs += [self.cut(self.tokenizer.decode(row[width:].tolist(), skip_special_tokens=False)) for row in gen.cpu()]
+        return outs
+
 
 def device_of() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,21 +181,21 @@ def pretrain(cfg: Config, corpus: str, out: Path, log: Callable[[str], None]) ->
     return {"params": n_params, "seconds": time.time() - t0, "final_loss": losses[-1], "steps": cfg.pretrain_steps}
 
 
-def load_base(path: Path, device: torch.device):
+def load_base(path: Path, device: torch.device, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
-def sft_batches(examples: list[Example], codec: CharCodec, batch_size: int, seed: int, device: torch.device):
-    """A ``batch_fn`` of random prompt+completion batches; loss only on completion and EOS."""
+def sft_batches(examples: list[Example], codec, batch_size: int, seed: int, device: torch.device):
+    """A ``batch_fn`` of random prompt+completion batches; loss only on the completion (and its end token)."""
     rng = random.Random(seed)
-    encoded = [(codec.encode(e.prompt), codec.encode(e.completion) + [EOS]) for e in examples]
+    encoded = [codec.encode_pair(e.prompt, e.completion) for e in examples]
 
     def batch(_: int) -> tuple:
         picks = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
         width = max(len(p) + len(c) for p, c in picks)
-        ids = torch.full((batch_size, width), PAD, dtype=torch.long)
+        ids = torch.full((batch_size, width), codec.pad_id, dtype=torch.long)
         labels = torch.full((batch_size, width), -100, dtype=torch.long)
         for row, (p, c) in enumerate(picks):
             ids[row, : len(p) + len(c)] = torch.tensor(p + c)
@@ -153,14 +214,19 @@ def lora_config(cfg: Config, init: bool = True):
     )
 
 
-def train_lora(base, cfg: Config, examples: list[Example], steps: int, seed: int, out: Path, log) -> dict:
-    """Train one LoRA (PEFT) on ``examples``; A's init comes from ``seed`` (the same for every skill)."""
-    from peft import get_peft_model
+def train_lora(base, cfg: Config, examples: list[Example], steps: int, seed: int, out: Path, log, codec=None,
+               start_from: Path | None = None, batch_size: int | None = None) -> dict:
+    """Train one LoRA (PEFT) on ``examples``; A's init comes from ``seed`` (the same for every skill).
+    ``start_from``: continue training that saved LoRA instead of a fresh one."""
+    from peft import PeftModel, get_peft_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), lora_config(cfg))
+    if start_from is not None:
+        model = PeftModel.from_pretrained(copy.deepcopy(base), str(start_from), is_trainable=True)
+    else:
+        model = get_peft_model(copy.deepcopy(base), lora_config(cfg))
     params = [p for p in model.parameters() if p.requires_grad]
-    batch = sft_batches(examples, CharCodec(), cfg.lora_batch, seed + 7, next(base.parameters()).device)
+    batch = sft_batches(examples, codec or CharCodec(), batch_size or cfg.lora_batch, seed + 7, next(base.parameters()).device)
     t0 = time.time()
     losses = train_loop(model, params, batch, steps, cfg.lora_lr, log)
     model.save_pretrained(out)

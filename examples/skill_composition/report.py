@@ -18,6 +18,23 @@ def _mean_std(values: list[float]) -> dict:
     }
 
 
+def collect(run_dir: Path, cfg) -> dict[int, dict]:
+    """Per seed: the adapter stage's info and every row in table order (``not run`` where no file)."""
+    from examples.skill_composition.merges import rows, slug
+
+    per_seed = {}
+    for seed in cfg.seeds:
+        sdir = run_dir / f"seed{seed}"
+        info = json.loads((sdir / "adapters.json").read_text()) if (sdir / "adapters.json").is_file() else {}
+        entries = []
+        for row in rows(cfg):
+            path = sdir / "rows" / f"{slug(row.name)}.json"
+            missing = {"name": row.name, "status": "not run", "reason": "not run: the run's time limit (--minutes)"}
+            entries.append(json.loads(path.read_text()) if path.is_file() else missing)
+        per_seed[seed] = {"seed": seed, **info, "rows": entries}
+    return per_seed
+
+
 def aggregate(per_seed: dict[int, dict]) -> list[dict]:
     """One entry per row name, in table order: metrics as mean/std over the seeds that ran it."""
     order: list[str] = []
@@ -52,15 +69,17 @@ def _cell(entry: dict, metric: str) -> str:
 
 def markdown_table(table: list[dict]) -> str:
     lines = [
-        "| row | composite acc % | composite: valid program % | composite: operators right % "
-        "| composite: numbers right % | skill A math acc % | skill B code acc % | seeds |",
+        (
+            "| row | composite acc % | composite: valid program % | composite: operators right % "
+            "| composite: numbers right % | skill A math acc % | skill B code acc % | seeds |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for e in table:
         cells = [_cell(e, m) for m in METRICS]
         if "not_available" in e and e["seeds_ok"] == 0:
-            cells = ["not available"] * len(METRICS)
+            cells = ["not run" if e["not_available"].startswith("not run") else "not available"] * len(METRICS)
             notes.append(f"- **{e['name']}**: {e['not_available']}")
         lines.append(f"| {e['name']} | " + " | ".join(cells) + f" | {e['seeds_ok']}/{e['seeds']} |")
     text = "\n".join(lines) + "\n"
@@ -71,7 +90,9 @@ def markdown_table(table: list[dict]) -> str:
 
 def adapter_table(per_seed: dict[int, dict]) -> str:
     """Delta/weight norm ratio per adapter and math-code cosine, mean over seeds (max / range)."""
-    seeds = [per_seed[s]["adapter_stats"] for s in sorted(per_seed)]
+    seeds = [per_seed[s]["adapter_stats"] for s in sorted(per_seed) if "adapter_stats" in per_seed[s]]
+    if not seeds:
+        return "(no adapters trained)\n"
     lines = ["| adapter | ‖dW‖_F / ‖W‖_F, mean over modules | max over modules |", "|---|---|---|"]
     for name in seeds[0]["ratio"]:
         mean = statistics.fmean(s["ratio"][name]["mean"] for s in seeds)
@@ -106,6 +127,8 @@ def bar_chart(table: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     shown = [e for e in table if e["seeds_ok"]]
+    if not shown:
+        return
     names = [e["name"] for e in shown]
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(names) + 2), 4.6), dpi=90)
     width = 0.2
@@ -132,12 +155,46 @@ def bar_chart(table: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, payload: dict, per_seed: dict[int, dict]) -> dict:
-    """Write results.json, table.md and chart.png into ``out``; return the results dict."""
+def sweep_table(per_seed: dict[int, dict]) -> str:
+    """Validation composite accuracy over the CAT grid, mean over seeds, and the pair each seed chose."""
+    sweeps = [r["sweep"] for s in sorted(per_seed) for r in per_seed[s]["rows"] if r.get("sweep")]
+    if not sweeps:
+        return ""
+    cells: dict[tuple, list[float]] = {}
+    for sw in sweeps:
+        for g in sw["grid"]:
+            cells.setdefault((g["w_code"], g["w_math"]), []).append(g["val_composite_acc"])
+    w_maths = sorted({wm for _, wm in cells})
+    lines = ["| w_code \\ w_math | " + " | ".join(f"{w:g}" for w in w_maths) + " |", "|---" * (len(w_maths) + 1) + "|"]
+    for wc in sorted({wc for wc, _ in cells}):
+        lines.append(f"| {wc:g} | " + " | ".join(f"{100 * statistics.fmean(cells[(wc, wm)]):.0f}" for wm in w_maths) + " |")
+    chosen = ", ".join(f"({s['chosen']['w_math']:g}, {s['chosen']['w_code']:g})" for s in sweeps)
+    return "\n".join(lines) + f"\n\nChosen (w_math, w_code) per seed: {chosen}.\n"
+
+
+def copy_fit_png(run_dir: Path, per_seed: dict[int, dict], out: Path) -> str | None:
+    """The fitted-weights PNG that fit-alpha wrote for the first seed's paper-regime softmax fit."""
+    import shutil
+
+    for seed in sorted(per_seed):
+        for r in per_seed[seed]["rows"]:
+            if r["name"] == "cat fit softmax [5% skill data]" and r.get("fit_report"):
+                png = run_dir / r["fit_report"] / "weights.png"
+                if png.is_file():
+                    shutil.copyfile(png, out / "fitted_weights.png")
+                    return f"seed {seed}, {r['name']}"
+    return None
+
+
+def write_report(out: Path, payload: dict, run_dir: Path, cfg) -> dict:
+    """Write results.json, table.md, chart.png (and fitted_weights.png) into ``out``; return the results."""
+    per_seed = collect(run_dir, cfg)
     table = aggregate(per_seed)
     results = {**payload, "table": table, "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)}}
+    results["fitted_weights_png"] = copy_fit_png(run_dir, per_seed, out)
     (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
-    text = markdown_table(table) + "\n" + adapter_table(per_seed) + "\nFitted weights:\n\n" + fitted_table(table)
+    text = markdown_table(table) + "\n" + adapter_table(per_seed) + "\nFitted weights (mean per adapter over modules):\n\n"
+    text += fitted_table(table) + "\nCAT sweep, validation composite accuracy % (mean over seeds):\n\n" + sweep_table(per_seed)
     (out / "table.md").write_text(text)
     seeds = ", ".join(str(s) for s in sorted(per_seed))
     bar_chart(table, out / "chart.png", f"Skill composition: mean ± std over seeds {seeds}")

