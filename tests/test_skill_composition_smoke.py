@@ -166,7 +166,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     # reported (a full run on a smoke folder used to reuse the smoke base and report the wrong config).
     before = {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()}
     other = main(["--out", str(tmp_path), "--smoke", "--seeds", "7", "--minutes", "0"])
-    assert other["config"]["seeds"] == [7] and other["run_dir"] != results["run_dir"]
+    assert list(other["config"]["seeds"]) == [7] and other["run_dir"] != results["run_dir"]
     assert all(e["seeds_ok"] == 0 for e in other["table"])  # nothing reused from the first run
     assert {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()} == before
 

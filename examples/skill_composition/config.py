@@ -39,6 +39,7 @@ class Config:
     train_per_skill: int = 2000
     calib_fraction: float = 0.05  # regime (a): the paper's 5% of each skill's training data
     calib_k: tuple[int, ...] = (4, 16, 64)  # regime (b): k examples of the target task; (c) = (a) + k=16
+    regimes: tuple[str, ...] | None = None  # calibration regimes run (None: every one whose k is in calib_k)
     eval_math: int = 64
     eval_code: int = 64
     eval_composite: int = 128
@@ -81,6 +82,6 @@ _TINY = {
 }
 SMOKE = replace(
     TOY, hidden=32, intermediate=64, layers=2, heads=2, seq_len=128, corpus_docs=300, pretrain_steps=8,
-    pretrain_batch=8, **{**_TINY, "calib_k": (16,), "fixed_weights": ((1.0, 1.0),)},
+    pretrain_batch=8, **{**_TINY, "calib_k": (16,), "regimes": ("5% skill data", "k=16 target"), "fixed_weights": ((1.0, 1.0),)},
 )
 SMOLLM2_TINY = replace(SMOLLM2, targets=("q_proj", "v_proj"), **{**_TINY, "max_new": 8})

@@ -56,6 +56,7 @@ def rows(cfg: Config) -> list[Row]:
     from soupkit.methods import REGISTRY
 
     skills, regimes = ("math", "code"), [r for r in REGIMES if REGIMES[r][1] in (0, *cfg.calib_k)]
+    regimes = [r for r in regimes if cfg.regimes is None or r in cfg.regimes]
     out = [
         Row("base", "base"),
         Row("math LoRA", "adapter", ("math",)),
