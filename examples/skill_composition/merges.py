@@ -111,7 +111,10 @@ def write_recipe(row: Row, seed_dir: Path, base_dir: Path, seed: int) -> Path:
     recipes = seed_dir / "recipes"
     recipes.mkdir(parents=True, exist_ok=True)
     path = recipes / f"{slug(row.name)}.yaml"
-    rel = lambda p: os.path.relpath(p, recipes)
+
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, recipes)
+
     merge: dict = {"method": row.method, **method_check(row)}
     if row.rank is not None:
         merge["rank"] = row.rank
