@@ -82,6 +82,6 @@ _TINY = {
 }
 SMOKE = replace(
     TOY, hidden=32, intermediate=64, layers=2, heads=2, seq_len=128, corpus_docs=300, pretrain_steps=8,
-    pretrain_batch=8, **{**_TINY, "calib_k": (16,), "regimes": ("5% skill data", "k=16 target"), "fixed_weights": ((1.0, 1.0),)},
+    pretrain_batch=8, **{**_TINY, "calib_k": (16,), "regimes": ("k=16 target",), "fixed_weights": ((1.0, 1.0),)},
 )
 SMOLLM2_TINY = replace(SMOLLM2, targets=("q_proj", "v_proj"), **{**_TINY, "max_new": 8})
