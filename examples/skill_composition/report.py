@@ -173,14 +173,14 @@ def sweep_table(per_seed: dict[int, dict]) -> str:
 
 
 def copy_fit_png(run_dir: Path, per_seed: dict[int, dict], out: Path) -> str | None:
-    """The fitted-weights PNG that fit-alpha wrote for the first seed's paper-regime softmax fit."""
+    """The fitted-weights PNG that fit-alpha wrote for the first seed's softmax fit, the paper's regime first."""
     import shutil
 
-    for seed in sorted(per_seed):
-        for r in per_seed[seed]["rows"]:
-            if r["name"] == "cat fit softmax [5% skill data]" and r.get("fit_report"):
-                png = run_dir / r["fit_report"] / "weights.png"
-                if png.is_file():
+    for wanted in ("cat fit softmax [5% skill data]", "cat fit softmax ["):
+        for seed in sorted(per_seed):
+            for r in per_seed[seed]["rows"]:
+                png = run_dir / r.get("fit_report", "-") / "weights.png"
+                if r["name"].startswith(wanted) and r.get("fit_report") and png.is_file():
                     shutil.copyfile(png, out / "fitted_weights.png")
                     return f"seed {seed}, {r['name']}"
     return None
