@@ -76,9 +76,10 @@ def merge(
     loaded = load_recipe(recipe)
     if output_type:
         loaded = loaded.model_copy(update={"output": output_type})
-    out = out or Path(f"{recipe.stem}-merged")
+    given, out = out, out or Path(f"{recipe.stem}-merged")
     options = RunOptions(device, overwrite, dry_run, not quiet, shard_bytes=parse_size(shard_size))
-    report = merge_recipe(loaded, None if dry_run else out, options, recipe_file=recipe)
+    # a dry run checks an -o it was given (docs/safety.md), and writes nothing
+    report = merge_recipe(loaded, given if dry_run else out, options, recipe_file=recipe)
     plan = report.plan
     if dry_run:
         click.echo(f"dry run: {len(plan.modules)} modules, rank {plan.rank}, would write {human_bytes(plan.bytes_written)}")

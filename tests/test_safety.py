@@ -150,6 +150,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
         lambda w: w.merge(w.soupkit_output("prev"), "--overwrite", recipe=w.root / "prev" / "soupkit.lock.yaml"),
         "a folder that holds the recipe file",
     ),
+    "dry_run_into_base": (lambda w: w.merge(w.inputs / "base", "--dry-run"), "found the base model folder"),
     # folders soupkit must never replace
     "cwd": (lambda w: w.merge(w.work, "--overwrite"), "found the current folder"),
     "dot": (lambda w: w.merge(".", "--overwrite"), "a name for a new output, found '.'"),
