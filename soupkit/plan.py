@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from soupkit.errors import AdapterError, RecipeError, did_you_mean
 from soupkit.io.adapter import LoraAdapter
 from soupkit.io.base_model import BaseModelInfo, layer_of
-from soupkit.methods import MergeMethod, get_method
+from soupkit.methods import MergeMethod, MethodParams, get_method
 from soupkit.recipe.schema import Recipe, Weight
 
 BYTES_F32 = 4
@@ -167,14 +167,15 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
     )
 
 
-def usable_rank(method: MergeMethod, module: ModulePlan) -> int:
+def usable_rank(method: MergeMethod, module: ModulePlan, params: MethodParams) -> int:
     """The largest rank a merged update of ``module`` can have under ``method``.
 
-    Factor-space methods combine the inputs' ranks: at most sum r_i (and the matrix's own size).
-    Dense methods sparsify full d_out x d_in matrices, whose rank can reach min(d_out, d_in).
+    Methods that work on the factors (or in the inputs' core space) combine the inputs' ranks: at most
+    sum r_i (and the matrix's own size). Methods that sparsify the full d_out x d_in matrices can reach
+    min(d_out, d_in).
     """
     full = min(module.d_in, module.d_out)
-    return full if method.space == "delta" else min(full, sum(s.rank for s in module.sources))
+    return full if method.forms_dense(params) else min(full, sum(s.rank for s in module.sources))
 
 
 def check_rank_budget(recipe: Recipe, method: MergeMethod, modules: list[ModulePlan]) -> None:
@@ -191,9 +192,10 @@ def check_rank_budget(recipe: Recipe, method: MergeMethod, modules: list[ModuleP
         raise RecipeError(
             where, f"no merge.rank with '{method.name}' (its output rank is fixed by the inputs)", "a rank budget", "remove merge.rank, or use svd, linear or lego"
         )
-    limit = max((usable_rank(method, m) for m in modules if m.sources), default=0)
+    params = recipe.merge.params
+    limit = max((usable_rank(method, m, params) for m in modules if m.sources), default=0)
     if budget > limit:
-        why = "min(d_out, d_in) of the largest module" if method.space == "delta" else "the sum of the input ranks"
+        why = "min(d_out, d_in) of the largest module" if method.forms_dense(params) else "the sum of the input ranks"
         raise RecipeError(where, f"at most {limit} ({why}: the most '{method.name}' can use here)", f"{budget}", f"set merge.rank <= {limit} or remove it")
 
 

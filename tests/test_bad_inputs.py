@@ -307,6 +307,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("rank_huge", method_case("svd", rank=1_000_000_000), "merge.rank: expected at most 12"),
     ("rank_huge_validate", lambda d: ["validate", str(recipe_file(d, tiny_recipe("ties", rank=10**9)))], "expected at most 64"),
     ("rank_huge_plan", lambda d: ["plan", str(recipe_file(d, tiny_recipe("linear", rank=10**9)))], "expected at most 12"),
+    ("rank_above_core_space", method_case("ties", rank=20, space="core"), "merge.rank: expected at most 12 (the sum of the input ranks"),
     ("rank_ignored_by_cat", method_case("cat", rank=4), "no merge.rank with 'cat'"),
     ("glob_matches_nothing", recipe_case(lambda r: r["merge"].update(modules=[{"match": "*.mpl.*", "weights": {"math": 2}}])), "did you mean '*.mlp.*'"),
     ("glob_typo_validate", validate_case(lambda r: r["merge"].update(modules=[{"match": "model.layers.1.self_attn.q_prj", "weights": {"math": 2}}])), "did you mean 'model.layers.1.self_attn.q_proj'"),
