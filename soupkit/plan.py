@@ -80,7 +80,7 @@ def weight_at(weight: Weight, layer: int | None, num_layers: int) -> float:
     if len(weight) == 1 or layer is None or num_layers <= 1:
         return float(weight[0])
     pos = layer / (num_layers - 1) * (len(weight) - 1)
-    lo = min(int(math.floor(pos)), len(weight) - 2)
+    lo = min(math.floor(pos), len(weight) - 2)
     frac = pos - lo
     return float(weight[lo] * (1 - frac) + weight[lo + 1] * frac)
 

@@ -83,7 +83,7 @@ def _hub_records(name: str, where: str) -> list[dict]:
     dataset, _, split = name.partition(":")
     try:
         return [dict(r) for r in datasets.load_dataset(dataset, split=split or "train")]
-    except Exception as err:  # datasets raises many types; the user only needs to know it failed and why
+    except Exception as err:  # noqa: BLE001 -- datasets raises many types; the user only needs to know it failed and why
         raise SoupkitError(where, "a .jsonl file or a loadable dataset", f"'{name}' ({type(err).__name__}: {err})", "check the name") from None
 
 

@@ -207,7 +207,7 @@ class LoraAdapter:
     def _scan_modules(self) -> dict[str, ModuleSpec]:
         parts: dict[str, dict[str, str]] = {}
         kinds: dict[str, str] = {}
-        for key in self.index.keys():
+        for key in self.index.infos:
             if key.endswith(BASE_LAYER_COPY):  # PEFT saves embeddings' base weights beside their LoRA
                 path = key.removeprefix(PREFIX).removesuffix(BASE_LAYER_COPY)
                 self.base_layer_copies[path] = key
@@ -221,7 +221,7 @@ class LoraAdapter:
                     "remove it, or merge the adapter into the model with PEFT",
                 )
             path = key[: -len(suffix)]
-            path = path[len(PREFIX) :] if path.startswith(PREFIX) else path
+            path = path.removeprefix(PREFIX)
             kinds[path], factor = SUFFIXES[suffix]
             parts.setdefault(path, {})[factor] = key
         for path, key in self.base_layer_copies.items():

@@ -104,7 +104,7 @@ def fetch_from_hub(repo: str, revision: str | None, role: Role, where: str, loca
         folder = snapshot_download(
             repo, revision=revision, cache_dir=cache, local_files_only=offline, allow_patterns=PATTERNS[role]
         )
-    except Exception as err:  # every hub failure is a user-facing problem: name it in one line
+    except Exception as err:  # noqa: BLE001 -- every hub failure is a user-facing problem: name it in one line
         raise _hub_error(err, where, shown + not_local, offline) from None
     path = Path(folder)
     _FETCHED[key] = path
