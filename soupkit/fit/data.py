@@ -87,6 +87,18 @@ def _hub_records(name: str, where: str) -> list[dict]:
         raise SoupkitError(where, "a .jsonl file or a loadable dataset", f"'{name}' ({type(err).__name__}: {err})", "check the name") from None
 
 
+def check_record_shapes(records: list[dict], where: str) -> None:
+    """Refuse a record of none of the three shapes (before any tokenizer or model is loaded)."""
+    for i, record in enumerate(records):
+        if not ("messages" in record or ("prompt" in record and "completion" in record) or "text" in record):
+            keys = ", ".join(sorted(record))[:80]
+            raise SoupkitError(f"{where} record {i}", "a 'text', 'prompt'+'completion' or 'messages' field", f"keys [{keys}]", "use one of these formats")
+        if "messages" in record:
+            messages = record["messages"]
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                raise SoupkitError(f"{where} record {i}", "'messages' as a non-empty list of {role, content}", repr(messages)[:60], "fix the record")
+
+
 def tokenize_record(record: dict, tokenizer: Any, seq_len: int, where: str) -> Example:
     """Tokenize one record (text | prompt+completion | messages), truncated to ``seq_len`` tokens."""
     if "messages" in record:
@@ -117,9 +129,10 @@ def _chat_ids(messages: Any, tokenizer: Any, where: str) -> tuple[list[int], lis
     return list(prompt), list(full)
 
 
-def load_examples(source: str, tokenizer: Any, seq_len: int, where: str) -> list[Example]:
-    """Read and tokenize every record; refuse a source with no example that carries loss."""
-    examples = [tokenize_record(r, tokenizer, seq_len, f"{where} record {i}") for i, r in enumerate(read_records(source, where))]
+def load_examples(source: str, tokenizer: Any, seq_len: int, where: str, records: list[dict] | None = None) -> list[Example]:
+    """Read (unless ``records`` were read already) and tokenize every record; refuse a source with no example that carries loss."""
+    records = read_records(source, where) if records is None else records
+    examples = [tokenize_record(r, tokenizer, seq_len, f"{where} record {i}") for i, r in enumerate(records)]
     examples = [e for e in examples if e.n_target > 0]
     if not examples:
         raise SoupkitError(where, "at least one example with loss tokens", "none", f"check {source} (too short for --seq-len?)")

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from soupkit.errors import SoupkitError
-from soupkit.fit.data import load_examples, split_heldout
+from soupkit.fit.data import check_record_shapes, load_examples, read_records, split_heldout
 from soupkit.fit.model import CatFitModel, build_fit_model
 from soupkit.fit.report import weights_by_module, write_report
 from soupkit.fit.train import FitOptions, FitState, make_accelerator, train, with_autocast, with_weights
@@ -67,11 +67,17 @@ def run_fit_alpha(
         raise SoupkitError("--init", "uniform with --search lorahub (LoraHub starts every weight at 0)", "recipe", "drop --init recipe")
     if recipe.merge.method != "cat":
         raise SoupkitError("merge.method", "cat (fit-alpha learns CAT's weights)", repr(recipe.merge.method), "set merge.method: cat")
-    # Data first (the tokenizer loads in a second): a typo in --data must not wait for a 70B base to load.
+    # Data first: a typo in --data fails before transformers is even imported, and bad records before the
+    # base model loads (the tokenizer loads in seconds; a 70B base in minutes).
+    train_records = read_records(data, "--data")
+    check_record_shapes(train_records, "--data")
+    eval_records = read_records(eval_data, "--eval-data") if eval_data else None
+    if eval_records is not None:
+        check_record_shapes(eval_records, "--eval-data")
     tokenizer, pad_id = load_tokenizer(recipe)
-    train_set = load_examples(data, tokenizer, options.seq_len, "--data")
+    train_set = load_examples(data, tokenizer, options.seq_len, "--data", train_records)
     if eval_data:
-        eval_set = load_examples(eval_data, tokenizer, options.seq_len, "--eval-data")
+        eval_set = load_examples(eval_data, tokenizer, options.seq_len, "--eval-data", eval_records)
     else:
         train_set, eval_set = split_heldout(train_set, options.heldout_fraction, options.seed)
     accelerator = make_accelerator(options)

@@ -26,7 +26,8 @@ Space = Literal["factors", "delta"]
 class MethodParams(BaseModel):
     """Base of every method's parameter model: strict, so a typo like ``densty`` fails."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no .nan / .inf parameters
+    # No .nan / .inf; strict: a YAML `true` is not the number 1, a quoted "0.5" is not a number.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class NoParams(MethodParams):

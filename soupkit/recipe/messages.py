@@ -122,7 +122,9 @@ def _without_union_tags(errors: list[dict], prefix: tuple) -> list[tuple[tuple, 
         if not any("_union" in e for _, e in members):
             out += members
             continue
-        specific = [(loc, e) for loc, e in members if not e["type"].endswith("_type")]
+        # A member that failed inside the value (weight[1]) is the form the user wrote; a member that
+        # failed on the whole value's type (a list is not a number) is not.
+        specific = [(loc, e) for loc, e in members if len(loc) > len(key) or not e["type"].endswith("_type")]
         if specific:
             out += specific
         else:

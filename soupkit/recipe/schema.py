@@ -22,7 +22,8 @@ Weight = float | list[float]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # YAML's .nan / .inf are never a valid number
+    # YAML's .nan / .inf are never a valid number; strict: YAML types are exact, so `weight: yes` is not 1.0
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class AdapterSpec(StrictModel):
@@ -56,7 +57,7 @@ class ModuleOverride(StrictModel):
 class MergeSpec(BaseModel):
     """How to merge. Keys other than these are the method's own parameters (see `soupkit methods`)."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
     method: str = Field(description="A method name from `soupkit methods`.")
     rank: int | None = Field(default=None, ge=1, description="Output rank budget for methods that re-factorise.")
