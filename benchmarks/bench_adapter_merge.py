@@ -87,7 +87,9 @@ def main() -> None:
                 versus = f"> {peft[0] / row[0]:.0f}x faster (PEFT stopped at {peft[0]:.0f} s)"
             print(f"| {shape} | soupkit {name} | {fmt(*row[:3])} | {ratio} | {versus} |")
             if peft:
-                print(f"| {shape} | PEFT {combo} (load, add_weighted_adapter, save) | {fmt(*peft)} | {peft[0] / floor[0]:.2f}x | |")
+                print(
+                    f"| {shape} | PEFT {combo} (load, add_weighted_adapter, save) | {fmt(*peft)} | {peft[0] / floor[0]:.2f}x | |"
+                )
             elif combo == "svd" or shape in args.skip_peft:
                 print(f"| {shape} | PEFT {combo} | not run | | | |")
         sys.stdout.flush()

@@ -52,7 +52,10 @@ def main() -> None:
         base, adapters = ensure_fixture(args.root, shape, n_adapters=2, rank=32, zero_base=not random_base)
         runs = [("factors only (--no-base)", ["--no-base"])]
         if random_base:
-            runs += [("with ||delta||/||W|| (reads the targeted base weights)", []), ("--dense --no-base", ["--dense", "--no-base"])]
+            runs += [
+                ("with ||delta||/||W|| (reads the targeted base weights)", []),
+                ("--dense --no-base", ["--dense", "--no-base"]),
+            ]
         for label, flags in runs:
             print(f"| {shape} | {label} | {fmt(*analyze_row(base, adapters, work, flags))} |", flush=True)
     shutil.rmtree(work, ignore_errors=True)

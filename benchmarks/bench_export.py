@@ -108,7 +108,19 @@ def child(job: str, base: Path, adapters: list[Path], out: Path, device: str) ->
 
 def measure(job: str, base: Path, adapters: list[Path], out: Path, device: str = "cpu") -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "benchmarks.bench_export", "--child", job, "--base", str(base), "--out", str(out), "--device", device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_export",
+        "--child",
+        job,
+        "--base",
+        str(base),
+        "--out",
+        str(out),
+        "--device",
+        device,
+    ]
     cmd += ["--adapters", *map(str, adapters)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
@@ -203,8 +215,10 @@ def main() -> None:
     for shape in args.shapes:
         rows.append(run_shape(args.root, shape, args.peft, args.device))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, soupkit maths on {args.device}, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.0f} GiB RAM; python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, soupkit maths on {args.device}, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.0f} GiB RAM; python {platform.python_version()}"
+    )
     print(table(rows))
 
 

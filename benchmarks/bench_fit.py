@@ -40,8 +40,15 @@ def llama7b() -> nn.Module:
     """A Llama-7B-shaped causal LM (32 layers, 4096 hidden, 11008 MLP, 32k vocab), random bf16, on the GPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    )
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
@@ -59,8 +66,10 @@ def random_adapters(base: nn.Module) -> dict[str, list[tuple[torch.Tensor, torch
         if name.rsplit(".", 1)[-1] in TARGETS:
             d_out, d_in = module.weight.shape
             out[name] = [
-                (torch.randn(RANK, d_in, device="cuda", generator=gen, dtype=torch.bfloat16) / d_in**0.5,
-                 SCALE * torch.randn(d_out, RANK, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.01)
+                (
+                    torch.randn(RANK, d_in, device="cuda", generator=gen, dtype=torch.bfloat16) / d_in**0.5,
+                    SCALE * torch.randn(d_out, RANK, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.01,
+                )
                 for _ in range(2)
             ]
     return out
@@ -164,7 +173,9 @@ def report(rows: dict[str, tuple[float, int]], weights_bytes: int) -> None:
     gib = 2**30
     floor_tps = rows["floor (no adapters)"][0]
     cat_tps, cat_mem = rows["soupkit: one concatenated path"]
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; batch {BATCH} x {SEQ} tokens; model + adapters {weights_bytes / gib:.1f} GiB")
+    print(
+        f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; batch {BATCH} x {SEQ} tokens; model + adapters {weights_bytes / gib:.1f} GiB"
+    )
     print(f"{'variant':38s} {'tokens/s':>10s} {'peak GiB':>9s}")
     for name, (tps, mem) in rows.items():
         print(f"{name:38s} {tps:10.0f} {mem / gib:9.1f}")
@@ -172,10 +183,19 @@ def report(rows: dict[str, tuple[float, int]], weights_bytes: int) -> None:
     for label in ("one path per adapter", "one path per adapter, dropout 0.05"):
         tps, mem = rows[label]
         ratios[f"speed_vs[{label}]"], ratios[f"memory_vs[{label}]"] = cat_tps / tps, cat_mem / mem
-        print(f"soupkit vs {label}: tokens/s {cat_tps / tps:.2f}x (target >= 1.3), peak memory {cat_mem / mem:.2f}x (target <= 0.65)")
+        print(
+            f"soupkit vs {label}: tokens/s {cat_tps / tps:.2f}x (target >= 1.3), peak memory {cat_mem / mem:.2f}x (target <= 0.65)"
+        )
     print(f"soupkit tokens/s vs the floor: {cat_tps / floor_tps:.2f}x (target >= 0.9)")
-    result = {"device": torch.cuda.get_device_name(), "batch": BATCH, "seq": SEQ, "rank": RANK, "targets": TARGETS,
-              "rows": {k: {"tokens_per_s": round(v[0], 1), "peak_bytes": v[1]} for k, v in rows.items()}, **ratios}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "batch": BATCH,
+        "seq": SEQ,
+        "rank": RANK,
+        "targets": TARGETS,
+        "rows": {k: {"tokens_per_s": round(v[0], 1), "peak_bytes": v[1]} for k, v in rows.items()},
+        **ratios,
+    }
     (OUT / "bench_fit_step.json").write_text(json.dumps(result, indent=2))
 
 
@@ -184,24 +204,60 @@ def bench_dp(work: Path = Path("/tmp/fitdp")) -> None:
     from soupkit.testing import make_base, make_lora, tiny_llama_config
 
     work.mkdir(parents=True, exist_ok=True)
-    config = tiny_llama_config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                               num_key_value_heads=8, max_position_embeddings=1024)
+    config = tiny_llama_config(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+    )
     base = make_base(work / "base", seed=0, config=config)
     for i, name in enumerate(["a", "b"]):
         make_lora(base, work / name, seed=i + 1, r=32, lora_alpha=64, target_modules=TARGETS, b_scale=2.0)
-    (work / "r.yaml").write_text("base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n")
+    (work / "r.yaml").write_text(
+        "base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n"
+    )
     gen = torch.Generator().manual_seed(0)
     chars = [chr(c) for c in range(32, 127)]
     for split, n in (("train", 640), ("eval", 64)):
         lines = ["".join(chars[i] for i in torch.randint(0, len(chars), (SEQ,), generator=gen).tolist()) for _ in range(n)]
         (work / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
-    common = ["fit-alpha", "r.yaml", "--data", "train.jsonl", "--eval-data", "eval.jsonl", "--steps", "20", "--batch-size", "8",
-              "--seq-len", str(SEQ), "--eval-every", "10", "--patience", "10", "--overwrite"]
+    common = [
+        "fit-alpha",
+        "r.yaml",
+        "--data",
+        "train.jsonl",
+        "--eval-data",
+        "eval.jsonl",
+        "--steps",
+        "20",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        str(SEQ),
+        "--eval-every",
+        "10",
+        "--patience",
+        "10",
+        "--overwrite",
+    ]
     results = {}
     for precision in ("fp32", "bf16"):
         runs = {
             f"1gpu-{precision}": [sys.executable, "-m", "soupkit", *common, "--grad-accum", "2"],
-            f"2gpu-{precision}": ["accelerate", "launch", "--num_processes", "2", "--multi_gpu", "-m", "soupkit", *common, "--grad-accum", "1"],
+            f"2gpu-{precision}": [
+                "accelerate",
+                "launch",
+                "--num_processes",
+                "2",
+                "--multi_gpu",
+                "-m",
+                "soupkit",
+                *common,
+                "--grad-accum",
+                "1",
+            ],
         }
         for name, cmd in runs.items():
             subprocess.run([*cmd, "--precision", precision, "-o", f"{name}.yaml"], cwd=work, check=True)
@@ -211,13 +267,20 @@ def bench_dp(work: Path = Path("/tmp/fitdp")) -> None:
         one, two = results[f"1gpu-{precision}"], results[f"2gpu-{precision}"]
         diff = max(abs(one["weights"][p][a] - two["weights"][p][a]) for p in one["weights"] for a in one["weights"][p])
         moved = max(abs(w - 0.5) for p in one["weights"].values() for w in p.values())
-        summary[precision] = {"max_abs_weight_diff": diff, "max_weight_move_from_init": moved,
-                              "tokens_per_s_1gpu": one["tokens_per_s"], "tokens_per_s_2gpu": two["tokens_per_s"],
-                              "scaling": two["tokens_per_s"] / one["tokens_per_s"],
-                              "heldout_fitted_1gpu": one["heldout_loss"]["fitted"], "heldout_fitted_2gpu": two["heldout_loss"]["fitted"]}
-        print(f"{precision}: max |w_1gpu - w_2gpu| = {diff:.2e} (weights moved up to {moved:.3f} from 0.5); tokens/s 1 GPU "
-              f"{one['tokens_per_s']:.0f}, 2 GPUs {two['tokens_per_s']:.0f} ({summary[precision]['scaling']:.2f}x); held-out "
-              f"{one['heldout_loss']['fitted']:.5f} vs {two['heldout_loss']['fitted']:.5f}")
+        summary[precision] = {
+            "max_abs_weight_diff": diff,
+            "max_weight_move_from_init": moved,
+            "tokens_per_s_1gpu": one["tokens_per_s"],
+            "tokens_per_s_2gpu": two["tokens_per_s"],
+            "scaling": two["tokens_per_s"] / one["tokens_per_s"],
+            "heldout_fitted_1gpu": one["heldout_loss"]["fitted"],
+            "heldout_fitted_2gpu": two["heldout_loss"]["fitted"],
+        }
+        print(
+            f"{precision}: max |w_1gpu - w_2gpu| = {diff:.2e} (weights moved up to {moved:.3f} from 0.5); tokens/s 1 GPU "
+            f"{one['tokens_per_s']:.0f}, 2 GPUs {two['tokens_per_s']:.0f} ({summary[precision]['scaling']:.2f}x); held-out "
+            f"{one['heldout_loss']['fitted']:.5f} vs {two['heldout_loss']['fitted']:.5f}"
+        )
     summary["device"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
     (OUT / "bench_fit_dp.json").write_text(json.dumps(summary, indent=2))
 
@@ -225,6 +288,12 @@ def bench_dp(work: Path = Path("/tmp/fitdp")) -> None:
 if __name__ == "__main__":
     from benchmarks.bench_fit_fsdp import bench_bf16_determinism, bench_fsdp, bench_fsdp_check, bench_host_memory
 
-    modes = {"step": bench_step, "dp": bench_dp, "fsdp": bench_fsdp, "fsdp-check": bench_fsdp_check, "bf16-determinism": bench_bf16_determinism,
-             "host-memory": bench_host_memory}
+    modes = {
+        "step": bench_step,
+        "dp": bench_dp,
+        "fsdp": bench_fsdp,
+        "fsdp-check": bench_fsdp_check,
+        "bf16-determinism": bench_bf16_determinism,
+        "host-memory": bench_host_memory,
+    }
     modes[sys.argv[1] if len(sys.argv) > 1 else "step"]()

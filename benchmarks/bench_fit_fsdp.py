@@ -39,9 +39,27 @@ sys.path.insert(0, str(ROOT))
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RANK, SEQ = 32, 2048
 SHAPES = {
-    "llama3-70b": {"hidden_size": 8192, "num_hidden_layers": 80, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8},
-    "llama3-8b": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8},
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2},  # CPU smoke
+    "llama3-70b": {
+        "hidden_size": 8192,
+        "num_hidden_layers": 80,
+        "intermediate_size": 28672,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+    },
+    "llama3-8b": {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    },
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },  # CPU smoke
 }
 # (shape, parallelism, sequences of SEQ tokens per GPU, activation checkpointing, variant)
 RUNS = [
@@ -56,7 +74,9 @@ OUT = Path(os.environ.get("OUT", "."))
 def llama_config(shape: str):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**SHAPES[shape], vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+    return LlamaConfig(
+        **SHAPES[shape], vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False
+    )
 
 
 def fit_targets(base: nn.Module) -> list:
@@ -124,7 +144,9 @@ def build(shape: str, parallel: str, variant: str, checkpointing: bool, device: 
             model = sharded_floor(config, device, checkpointing)
             random_fill(model, set(), seed=rank)
             return model, None
-        model = materialise_sharded(meta_fit_model(config, targets, 2, "module", "softmax", torch.bfloat16), device, checkpointing)
+        model = materialise_sharded(
+            meta_fit_model(config, targets, 2, "module", "softmax", torch.bfloat16), device, checkpointing
+        )
         random_fill(model, {id(model.logits)}, seed=rank)
         return model, torch.optim.Adam([model.logits], lr=5e-2)
     torch.manual_seed(0)
@@ -139,10 +161,19 @@ def build(shape: str, parallel: str, variant: str, checkpointing: bool, device: 
     factors = []
     for t in targets:
         d_out, d_in = base.get_submodule(t.path).weight.shape
-        factors.append([(torch.randn(RANK, d_in, device=device, generator=gen) / d_in**0.5,
-                         0.02 * torch.randn(d_out, RANK, device=device, generator=gen)) for _ in range(2)])
+        factors.append(
+            [
+                (
+                    torch.randn(RANK, d_in, device=device, generator=gen) / d_in**0.5,
+                    0.02 * torch.randn(d_out, RANK, device=device, generator=gen),
+                )
+                for _ in range(2)
+            ]
+        )
     model = CatFitModel(base, targets, factors, 2, "module", "softmax").to(device)
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+    )
     return ddp, torch.optim.Adam([model.logits], lr=5e-2)
 
 
@@ -204,7 +235,9 @@ def time_variant(shape: str, parallel: str, batch: int, checkpointing: bool, var
     sync(device)
     build_s = time.perf_counter() - start
     seq = SEQ if device.type == "cuda" else 16
-    ids = torch.randint(0, 128256, (batch, seq), device=device, generator=torch.Generator(device=device).manual_seed(10 + dist.get_rank()))
+    ids = torch.randint(
+        0, 128256, (batch, seq), device=device, generator=torch.Generator(device=device).manual_seed(10 + dist.get_rank())
+    )
     step = step_fn(model, optimizer, variant, parallel, ids)
     warmup, steps = (2, 4) if shape == "llama3-70b" else (3, 8)
     for _ in range(warmup):
@@ -219,14 +252,29 @@ def time_variant(shape: str, parallel: str, batch: int, checkpointing: bool, var
         step()
     sync(device)
     seconds = time.perf_counter() - start
-    peak = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0, torch.cuda.max_memory_reserved() if cuda else 0], device=device, dtype=torch.float64)
+    peak = torch.tensor(
+        [torch.cuda.max_memory_allocated() if cuda else 0, torch.cuda.max_memory_reserved() if cuda else 0],
+        device=device,
+        dtype=torch.float64,
+    )
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     world = dist.get_world_size()
     del model, optimizer, step
-    return {"shape": shape, "parallel": parallel, "variant": variant, "checkpointing": checkpointing, "gpus": world,
-            "tokens_per_gpu": batch * seq, "tokens_per_s": round(world * batch * seq * steps / seconds, 1),
-            "peak_allocated_gib": round(float(peak[0]) / 2**30, 2), "peak_reserved_gib": round(float(peak[1]) / 2**30, 2),
-            "build_s": round(build_s, 1), "timed_steps": steps, "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    return {
+        "shape": shape,
+        "parallel": parallel,
+        "variant": variant,
+        "checkpointing": checkpointing,
+        "gpus": world,
+        "tokens_per_gpu": batch * seq,
+        "tokens_per_s": round(world * batch * seq * steps / seconds, 1),
+        "peak_allocated_gib": round(float(peak[0]) / 2**30, 2),
+        "peak_reserved_gib": round(float(peak[1]) / 2**30, 2),
+        "build_s": round(build_s, 1),
+        "timed_steps": steps,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+    }
 
 
 def bench_fsdp() -> None:
@@ -239,8 +287,21 @@ def bench_fsdp() -> None:
     for shape, parallel, batch, ckpt, variants in RUNS:
         if only and only not in shape:
             continue
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port", "29651",
-               __file__, shape, parallel, str(batch), str(int(ckpt)), variants]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(gpus),
+            "--master_port",
+            "29651",
+            __file__,
+            shape,
+            parallel,
+            str(batch),
+            str(int(ckpt)),
+            variants,
+        ]
         try:
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=150 if "70b" in shape else 90)
             out, err, code = proc.stdout, proc.stderr, proc.returncode
@@ -261,14 +322,19 @@ def report(rows: list[dict]) -> dict:
     ok = {(r["shape"], r["parallel"], r["variant"]): r for r in rows if "failed" not in r}
     print(f"\n{'shape':11s} {'parallel':8s} {'variant':8s} {'ckpt':>4s} {'tok/GPU':>7s} {'tokens/s':>9s} {'peak GiB/GPU':>12s}")
     for r in ok.values():
-        print(f"{r['shape']:11s} {r['parallel']:8s} {r['variant']:8s} {str(r['checkpointing'])[0]:>4s} {r['tokens_per_gpu']:7d} "
-              f"{r['tokens_per_s']:9.0f} {r['peak_allocated_gib']:12.1f}")
+        print(
+            f"{r['shape']:11s} {r['parallel']:8s} {r['variant']:8s} {str(r['checkpointing'])[0]:>4s} {r['tokens_per_gpu']:7d} "
+            f"{r['tokens_per_s']:9.0f} {r['peak_allocated_gib']:12.1f}"
+        )
     summary = {}
     for shape, parallel in {(s, p) for s, p, _ in ok}:
         floor, cat = ok.get((shape, parallel, "floor")), ok.get((shape, parallel, "soupkit"))
         if floor and cat:
             ratio = cat["tokens_per_s"] / floor["tokens_per_s"]
-            summary[f"{shape}/{parallel}"] = {"speed_vs_floor": round(ratio, 3), "memory_vs_floor": round(cat["peak_allocated_gib"] / floor["peak_allocated_gib"], 3)}
+            summary[f"{shape}/{parallel}"] = {
+                "speed_vs_floor": round(ratio, 3),
+                "memory_vs_floor": round(cat["peak_allocated_gib"] / floor["peak_allocated_gib"], 3),
+            }
             print(f"{shape} {parallel}: soupkit {ratio:.2f}x the floor's tokens/s (target >= 0.85)")
     if ok:
         print(f"device: {next(iter(ok.values()))['gpus']} x {next(iter(ok.values()))['device']}")
@@ -277,15 +343,38 @@ def report(rows: list[dict]) -> dict:
 
 def fit_runs(work: Path, seq: int) -> dict[str, list[str]]:
     """fit-alpha command lines: (name -> argv); 1-process runs use accumulation 2 for the same global batch."""
-    common = ["-m", "soupkit", "fit-alpha", "r.yaml", "--data", "train.jsonl", "--eval-data", "eval.jsonl", "--steps", "20",
-              "--batch-size", "8", "--seq-len", str(seq), "--eval-every", "20", "--patience", "10", "--overwrite"]
+    common = [
+        "-m",
+        "soupkit",
+        "fit-alpha",
+        "r.yaml",
+        "--data",
+        "train.jsonl",
+        "--eval-data",
+        "eval.jsonl",
+        "--steps",
+        "20",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        str(seq),
+        "--eval-every",
+        "20",
+        "--patience",
+        "10",
+        "--overwrite",
+    ]
     one = [sys.executable, *common, "--grad-accum", "2"]
     fsdp = ["accelerate", "launch", "--config_file", str(ROOT / "examples/fsdp/accelerate_fsdp2.yaml"), *common]
     ddp = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", *common]
     return {
-        "1gpu-fp32": [*one, "--precision", "fp32"], "1gpu-bf16": [*one, "--precision", "bf16"],
-        "1gpu-bf16-repeat": [*one, "--precision", "bf16"], "1gpu-bf16-seed1": [*one, "--precision", "bf16", "--seed", "1"],
-        "fsdp2-fp32": [*fsdp, "--precision", "fp32"], "fsdp2-bf16": [*fsdp, "--precision", "bf16"], "ddp2-bf16": [*ddp, "--precision", "bf16"],
+        "1gpu-fp32": [*one, "--precision", "fp32"],
+        "1gpu-bf16": [*one, "--precision", "bf16"],
+        "1gpu-bf16-repeat": [*one, "--precision", "bf16"],
+        "1gpu-bf16-seed1": [*one, "--precision", "bf16", "--seed", "1"],
+        "fsdp2-fp32": [*fsdp, "--precision", "fp32"],
+        "fsdp2-bf16": [*fsdp, "--precision", "bf16"],
+        "ddp2-bf16": [*ddp, "--precision", "bf16"],
     }
 
 
@@ -306,12 +395,20 @@ def bench_fsdp_check(work: Path = Path("/tmp/fitfsdp"), seq: int = 512) -> None:
     from soupkit.testing import make_base, make_lora, tiny_llama_config
 
     work.mkdir(parents=True, exist_ok=True)
-    config = tiny_llama_config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                               num_key_value_heads=8, max_position_embeddings=1024)
+    config = tiny_llama_config(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+    )
     base = make_base(work / "base", seed=0, config=config)
     for i, name in enumerate(["a", "b"]):
         make_lora(base, work / name, seed=i + 1, r=32, lora_alpha=64, target_modules=TARGETS, b_scale=2.0)
-    (work / "r.yaml").write_text("base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n")
+    (work / "r.yaml").write_text(
+        "base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n"
+    )
     gen = torch.Generator().manual_seed(0)
     chars = [chr(c) for c in range(32, 127)]
     for split, n in (("train", 640), ("eval", 64)):
@@ -320,31 +417,69 @@ def bench_fsdp_check(work: Path = Path("/tmp/fitfsdp"), seq: int = 512) -> None:
     runs = fit_runs(work, seq)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     # 1-process runs two at a time, one per GPU; then the 2-process runs
-    for group in (("1gpu-fp32", "1gpu-bf16"), ("1gpu-bf16-repeat", "1gpu-bf16-seed1"), ("fsdp2-fp32",), ("fsdp2-bf16",), ("ddp2-bf16",)):
+    for group in (
+        ("1gpu-fp32", "1gpu-bf16"),
+        ("1gpu-bf16-repeat", "1gpu-bf16-seed1"),
+        ("fsdp2-fp32",),
+        ("fsdp2-bf16",),
+        ("ddp2-bf16",),
+    ):
         procs = []
         for gpu, name in enumerate(group):
             run_env = {**env, "CUDA_VISIBLE_DEVICES": str(gpu)} if len(group) > 1 else env
             log = open(work / f"{name}.log", "w")  # noqa: SIM115 - closed below
-            procs.append((name, log, subprocess.Popen([*runs[name], "-o", f"{name}.yaml"], cwd=work, env=run_env, stdout=log, stderr=subprocess.STDOUT)))
+            procs.append(
+                (
+                    name,
+                    log,
+                    subprocess.Popen(
+                        [*runs[name], "-o", f"{name}.yaml"], cwd=work, env=run_env, stdout=log, stderr=subprocess.STDOUT
+                    ),
+                )
+            )
         for name, log, proc in procs:
             if proc.wait():
                 print(f"{name} failed:\n" + (work / f"{name}.log").read_text()[-3000:], flush=True)
             log.close()
-    reports = {n: json.loads((work / f"{n}-report" / "fit_report.json").read_text()) for n in runs if (work / f"{n}-report" / "fit_report.json").exists()}
-    pairs = [("1gpu-fp32", "fsdp2-fp32", "fp32: 1 GPU vs FSDP2 2 GPUs"), ("1gpu-bf16", "fsdp2-bf16", "bf16: 1 GPU vs FSDP2 2 GPUs"),
-             ("1gpu-bf16", "ddp2-bf16", "bf16: 1 GPU vs DDP 2 GPUs"), ("1gpu-bf16", "1gpu-bf16-repeat", "bf16: 1 GPU vs the same run repeated"),
-             ("1gpu-bf16", "1gpu-bf16-seed1", "bf16: seed 0 vs seed 1 (data order), 1 GPU")]
-    summary = {"device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}", "pairs": {},
-               "runs": {n: {**{k: r[k] for k in ("best_step", "steps", "tokens_per_s", "num_processes", "heldout_loss", "peak_memory_bytes")},
-                            "shard": r["options"]["shard"], "checkpointing": r["options"]["checkpointing"]} for n, r in reports.items()}}
+    reports = {
+        n: json.loads((work / f"{n}-report" / "fit_report.json").read_text())
+        for n in runs
+        if (work / f"{n}-report" / "fit_report.json").exists()
+    }
+    pairs = [
+        ("1gpu-fp32", "fsdp2-fp32", "fp32: 1 GPU vs FSDP2 2 GPUs"),
+        ("1gpu-bf16", "fsdp2-bf16", "bf16: 1 GPU vs FSDP2 2 GPUs"),
+        ("1gpu-bf16", "ddp2-bf16", "bf16: 1 GPU vs DDP 2 GPUs"),
+        ("1gpu-bf16", "1gpu-bf16-repeat", "bf16: 1 GPU vs the same run repeated"),
+        ("1gpu-bf16", "1gpu-bf16-seed1", "bf16: seed 0 vs seed 1 (data order), 1 GPU"),
+    ]
+    summary = {
+        "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}",
+        "pairs": {},
+        "runs": {
+            n: {
+                **{k: r[k] for k in ("best_step", "steps", "tokens_per_s", "num_processes", "heldout_loss", "peak_memory_bytes")},
+                "shard": r["options"]["shard"],
+                "checkpointing": r["options"]["checkpointing"],
+            }
+            for n, r in reports.items()
+        },
+    }
     for a, b, label in pairs:
         if a in reports and b in reports:
-            row = {"max_abs_weight_diff": max_weight_diff(reports[a], reports[b]), "max_abs_train_loss_diff": max_curve_diff(reports[a], reports[b]),
-                   "best_steps": [reports[a]["best_step"], reports[b]["best_step"]]}
+            row = {
+                "max_abs_weight_diff": max_weight_diff(reports[a], reports[b]),
+                "max_abs_train_loss_diff": max_curve_diff(reports[a], reports[b]),
+                "best_steps": [reports[a]["best_step"], reports[b]["best_step"]],
+            }
             summary["pairs"][label] = row
-            print(f"{label}: max |w diff| {row['max_abs_weight_diff']:.2e}, max |train loss diff| {row['max_abs_train_loss_diff']:.2e}, best steps {row['best_steps']}")
+            print(
+                f"{label}: max |w diff| {row['max_abs_weight_diff']:.2e}, max |train loss diff| {row['max_abs_train_loss_diff']:.2e}, best steps {row['best_steps']}"
+            )
     for n, r in summary["runs"].items():
-        print(f"{n}: {r['num_processes']} proc, shard {r['shard']}, ckpt {r['checkpointing']}, {r['tokens_per_s']} tokens/s, best step {r['best_step']}, held-out {r['heldout_loss']}")
+        print(
+            f"{n}: {r['num_processes']} proc, shard {r['shard']}, ckpt {r['checkpointing']}, {r['tokens_per_s']} tokens/s, best step {r['best_step']}, held-out {r['heldout_loss']}"
+        )
     (OUT / "bench_fit_fsdp_check.json").write_text(json.dumps(summary, indent=2))
 
 
@@ -355,25 +490,55 @@ def bench_host_memory(work: Path = Path("/tmp/fitrss")) -> None:
     from soupkit.testing import make_base, make_lora, tiny_llama_config
 
     work.mkdir(parents=True, exist_ok=True)
-    config = tiny_llama_config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8)
+    config = tiny_llama_config(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8
+    )
     if not (work / "base" / "model.safetensors.index.json").exists():
         base = make_base(work / "base", seed=0, config=config, max_shard_size="200MB")
         for i, name in enumerate(["a", "b"]):
             make_lora(base, work / name, seed=i + 1, r=32, lora_alpha=64, target_modules=TARGETS, b_scale=2.0)
-    (work / "r.yaml").write_text("base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n")
+    (work / "r.yaml").write_text(
+        "base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n"
+    )
     (work / "d.jsonl").write_text("".join(json.dumps({"text": f"sample text number {i} " * 3}) + "\n" for i in range(8)))
     checkpoint = sum(f.stat().st_size for f in (work / "base").glob("*.safetensors"))
-    fit = ["-m", "soupkit", "fit-alpha", "r.yaml", "--data", "d.jsonl", "--eval-data", "d.jsonl", "--steps", "2", "--batch-size", "1",
-           "--seq-len", "32", "--eval-every", "2", "--device", "cpu", "--overwrite"]
+    fit = [
+        "-m",
+        "soupkit",
+        "fit-alpha",
+        "r.yaml",
+        "--data",
+        "d.jsonl",
+        "--eval-data",
+        "d.jsonl",
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "2",
+        "--device",
+        "cpu",
+        "--overwrite",
+    ]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29655"]
-    runs = {"2 processes, --shard": [*two, *fit, "--shard"], "2 processes, data parallel": [*two, *fit], "1 process": [sys.executable, *fit]}
+    runs = {
+        "2 processes, --shard": [*two, *fit, "--shard"],
+        "2 processes, data parallel": [*two, *fit],
+        "1 process": [sys.executable, *fit],
+    }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     result = {"checkpoint_bytes": checkpoint, "files": len(list((work / "base").glob("*.safetensors")))}
     for i, (label, cmd) in enumerate(runs.items()):
         subprocess.run([*cmd, "-o", f"run{i}.yaml"], cwd=work, env=env, check=True, capture_output=True)
         report = json.loads((work / f"run{i}-report" / "fit_report.json").read_text())
         result[label] = report["peak_host_rss_bytes"]
-        print(f"{label}: peak host RSS per process {report['peak_host_rss_bytes'] / 2**30:.2f} GiB (checkpoint {checkpoint / 2**30:.2f} GiB)", flush=True)
+        print(
+            f"{label}: peak host RSS per process {report['peak_host_rss_bytes'] / 2**30:.2f} GiB (checkpoint {checkpoint / 2**30:.2f} GiB)",
+            flush=True,
+        )
     (OUT / "bench_fit_host_memory.json").write_text(json.dumps(result, indent=2))
 
 
@@ -388,19 +553,31 @@ def bench_bf16_determinism(work: Path = Path("/tmp/fitdet"), seq: int = 512) -> 
     from soupkit.testing import make_base, make_lora, tiny_llama_config
 
     work.mkdir(parents=True, exist_ok=True)
-    config = tiny_llama_config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                               num_key_value_heads=8, max_position_embeddings=1024)
+    config = tiny_llama_config(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+    )
     base = make_base(work / "base", seed=0, config=config)
     for i, name in enumerate(["a", "b"]):
         make_lora(base, work / name, seed=i + 1, r=32, lora_alpha=64, target_modules=TARGETS, b_scale=2.0)
-    (work / "r.yaml").write_text("base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n")
+    (work / "r.yaml").write_text(
+        "base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n"
+    )
     cuda = torch.cuda.is_available()
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     model, _ = build_fit_model(load_recipe(work / "r.yaml"), "module", "softmax", device, dtype)
     ids = torch.randint(0, 100, (8, seq), device=device, generator=torch.Generator(device=device).manual_seed(0))
     result = {}
-    backends = {"default": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH], "flash": [SDPBackend.FLASH_ATTENTION], "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-                "math": [SDPBackend.MATH]}
+    backends = {
+        "default": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH],
+        "flash": [SDPBackend.FLASH_ATTENTION],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+        "math": [SDPBackend.MATH],
+    }
     for label, backend in backends.items():
         grads = []
         try:
@@ -415,10 +592,17 @@ def bench_bf16_determinism(work: Path = Path("/tmp/fitdet"), seq: int = 512) -> 
             continue
         g = grads[0]
         spread = max(float((x - g).abs().max()) for x in grads[1:])
-        result[label] = {"max_abs_grad": float(g.abs().max()), "median_abs_grad": float(g[g != 0].abs().median()),
-                         "max_run_to_run_diff": spread, "fraction_below_spread": float(((g.abs() < spread) & (g != 0)).float().sum() / (g != 0).sum())}
-        print(f"{label}: max |g| {result[label]['max_abs_grad']:.3e}, median |g| {result[label]['median_abs_grad']:.3e}, "
-              f"run-to-run max |dg| {spread:.3e}, share of |g| below it {result[label]['fraction_below_spread']:.2f}", flush=True)
+        result[label] = {
+            "max_abs_grad": float(g.abs().max()),
+            "median_abs_grad": float(g[g != 0].abs().median()),
+            "max_run_to_run_diff": spread,
+            "fraction_below_spread": float(((g.abs() < spread) & (g != 0)).float().sum() / (g != 0).sum()),
+        }
+        print(
+            f"{label}: max |g| {result[label]['max_abs_grad']:.3e}, median |g| {result[label]['median_abs_grad']:.3e}, "
+            f"run-to-run max |dg| {spread:.3e}, share of |g| below it {result[label]['fraction_below_spread']:.2f}",
+            flush=True,
+        )
     result["device"] = torch.cuda.get_device_name() if cuda else "cpu"
     (OUT / "bench_fit_bf16_determinism.json").write_text(json.dumps(result, indent=2))
 

@@ -121,7 +121,10 @@ def rows(args: argparse.Namespace) -> None:
         wall, rss, status = peft_row(base, adapters, combo, work, args.peft_timeout, args.device)
         call = [line.split()[1] for line in measured.LAST_STDERR.splitlines() if line.startswith("merge-call-s ")]
         note = f"add_weighted_adapter alone: {call[-1]} s" if call else ""
-        print(f"| PEFT {combo} (load, merge, save) | density {DENSITY}, density-free for svd | {fmt(wall, rss, status)} | {note} |", flush=True)
+        print(
+            f"| PEFT {combo} (load, merge, save) | density {DENSITY}, density-free for svd | {fmt(wall, rss, status)} | {note} |",
+            flush=True,
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 """The floor: a Python process that imports torch, reads the adapters and writes as many bytes.
 
-    python benchmarks/floor_child.py OUT_FILE NBYTES ADAPTER [ADAPTER ...]
+python benchmarks/floor_child.py OUT_FILE NBYTES ADAPTER [ADAPTER ...]
 """
 
 from __future__ import annotations

@@ -26,8 +26,12 @@ def main(root: Path = HERE) -> None:
     shutil.rmtree(root, ignore_errors=True)
     base = make_base(root / "base", seed=0)
     make_lora(base, root / "adapters" / "math", seed=1, r=4, lora_alpha=8)
-    make_lora(base, root / "adapters" / "code", seed=2, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
-    make_lora(base, root / "adapters" / "chat", seed=3, r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    make_lora(
+        base, root / "adapters" / "code", seed=2, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]
+    )
+    make_lora(
+        base, root / "adapters" / "chat", seed=3, r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     write_calibration(root, root / "calib.jsonl")
     print(f"wrote {root}")
 
@@ -43,7 +47,9 @@ def write_calibration(root: Path, path: Path, examples: int = 32, chars: int = 4
     torch.manual_seed(seed)
     start = torch.full((examples, 1), tokenizer.bos_token_id)
     with torch.no_grad():  # ids 0-3 are the special tokens: suppressed so every line is plain text
-        ids = model.generate(start, do_sample=True, top_k=0, max_new_tokens=chars, min_new_tokens=chars, suppress_tokens=[0, 1, 2, 3])
+        ids = model.generate(
+            start, do_sample=True, top_k=0, max_new_tokens=chars, min_new_tokens=chars, suppress_tokens=[0, 1, 2, 3]
+        )
     texts = tokenizer.batch_decode(ids[:, 1:], skip_special_tokens=True)
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 

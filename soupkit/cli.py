@@ -54,7 +54,11 @@ def main() -> None:
     """soupkit: declarative merge recipes for LoRA adapters."""
 
 
-@main.command(epilog=examples("soupkit merge recipes/cat.yaml -o out/cat", "soupkit merge recipes/full_model.yaml -o out/full --shard-size 2GB"))
+@main.command(
+    epilog=examples(
+        "soupkit merge recipes/cat.yaml -o out/cat", "soupkit merge recipes/full_model.yaml -o out/full --shard-size 2GB"
+    )
+)
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output directory (default: ./<recipe name>-merged).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the maths runs.")
@@ -64,7 +68,14 @@ def main() -> None:
 @click.option("--output-type", type=click.Choice(["adapter", "model"]), help="Override the recipe's `output`.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Full-model export: data per safetensors shard.")
 def merge(
-    recipe: Path, out: Path | None, device: str, dry_run: bool, overwrite: bool, quiet: bool, output_type: str | None, shard_size: str
+    recipe: Path,
+    out: Path | None,
+    device: str,
+    dry_run: bool,
+    overwrite: bool,
+    quiet: bool,
+    output_type: str | None,
+    shard_size: str,
 ) -> None:
     """Run RECIPE and write one merged PEFT adapter (or full model)."""
     from soupkit.describe import human_bytes
@@ -180,17 +191,35 @@ def inspect(adapter: Path) -> None:
     ),
 )
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--data", required=True, help="Calibration data: .jsonl with text | prompt+completion | messages, or a HF dataset name[:split].")
+@click.option(
+    "--data",
+    required=True,
+    help="Calibration data: .jsonl with text | prompt+completion | messages, or a HF dataset name[:split].",
+)
 @click.option("--eval-data", help="Held-out data for early stopping and the report (default: a seeded 10% of --data).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Fitted recipe to write (default: ./<recipe>-fitted.yaml).")
 @click.option("--report-dir", type=click.Path(path_type=Path), help="fit_report.json and PNGs (default: <out>-report/).")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default: --epochs passes over the data).")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Passes over --data (when --steps is not given).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-2, show_default=True, help="Adam learning rate of the logits.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per micro-batch per process.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per example (longer ones are cut).")
+@click.option(
+    "--epochs",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Passes over --data (when --steps is not given).",
+)
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), default=5e-2, show_default=True, help="Adam learning rate of the logits."
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per micro-batch per process."
+)
+@click.option(
+    "--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per example (longer ones are cut)."
+)
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order, the held-out split and lorahub's search.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the data order, the held-out split and lorahub's search."
+)
 @click.option(
     "--granularity",
     type=click.Choice(["module", "layer", "adapter"]),
@@ -213,8 +242,16 @@ def inspect(adapter: Path) -> None:
     show_default=True,
     help="Start from equal weights, or from the recipe's own weights.",
 )
-@click.option("--eval-every", type=click.IntRange(min=1), default=20, show_default=True, help="Steps between held-out evaluations.")
-@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True, help="Evaluations without improvement before stopping.")
+@click.option(
+    "--eval-every", type=click.IntRange(min=1), default=20, show_default=True, help="Steps between held-out evaluations."
+)
+@click.option(
+    "--patience",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Evaluations without improvement before stopping.",
+)
 @click.option(
     "--search",
     type=click.Choice(["gradient", "lorahub"]),
@@ -223,13 +260,29 @@ def inspect(adapter: Path) -> None:
     help="gradient: Adam on the weights; lorahub: gradient-free CMA-ES, one weight per adapter (LoraHub).",
 )
 @click.option("--budget", type=click.IntRange(min=1), default=40, show_default=True, help="lorahub: loss evaluations.")
-@click.option("--lorahub-examples", type=click.IntRange(min=1), default=5, show_default=True, help="lorahub: calibration examples scored.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: a GPU if there is one, else the CPU.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="auto: bf16 on GPU.")
-@click.option("--shard", is_flag=True, help="Shard the base over the processes with FSDP2 (a base larger than one GPU; on by an accelerate FSDP config).")
+@click.option(
+    "--lorahub-examples", type=click.IntRange(min=1), default=5, show_default=True, help="lorahub: calibration examples scored."
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto: a GPU if there is one, else the CPU.",
+)
+@click.option(
+    "--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="auto: bf16 on GPU."
+)
+@click.option(
+    "--shard",
+    is_flag=True,
+    help="Shard the base over the processes with FSDP2 (a base larger than one GPU; on by an accelerate FSDP config).",
+)
 @click.option("--checkpointing", is_flag=True, help="Recompute activations in backward: less memory, about one more forward.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing fitted recipe / report directory.")
-def fit_alpha(recipe: Path, data: str, eval_data: str | None, out: Path | None, report_dir: Path | None, overwrite: bool, **opts: object) -> None:
+def fit_alpha(
+    recipe: Path, data: str, eval_data: str | None, out: Path | None, report_dir: Path | None, overwrite: bool, **opts: object
+) -> None:
     """Learn CAT's per-module adapter weights for RECIPE on calibration data; write a fitted recipe."""
     from soupkit.fit.run import run_fit_alpha
     from soupkit.fit.train import FitOptions
@@ -237,7 +290,9 @@ def fit_alpha(recipe: Path, data: str, eval_data: str | None, out: Path | None, 
     result = run_fit_alpha(recipe, data, eval_data, out, report_dir, FitOptions(**opts), overwrite)  # type: ignore[arg-type]
     if result.main_process:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in result.heldout.items())
-        click.echo(f"wrote {result.fitted_recipe} and {result.report_dir}/ ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s)")
+        click.echo(
+            f"wrote {result.fitted_recipe} and {result.report_dir}/ ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s)"
+        )
         click.echo(f"held-out loss per token: {losses}")
 
 

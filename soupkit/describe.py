@@ -72,7 +72,12 @@ def describe_methods(verbose: bool = True) -> str:
 def recipe_field_rows() -> list[tuple[str, str]]:
     """(field path, description) for every recipe field, from the schema's Field descriptions."""
     rows = []
-    for prefix, model in (("", Recipe), ("adapters[].", AdapterSpec), ("merge.", MergeSpec), ("merge.modules[].", ModuleOverride)):
+    for prefix, model in (
+        ("", Recipe),
+        ("adapters[].", AdapterSpec),
+        ("merge.", MergeSpec),
+        ("merge.modules[].", ModuleOverride),
+    ):
         for name, info in model.model_fields.items():
             default = "" if info.is_required() else f" Default: {info.get_default(call_default_factory=True)!r}."
             rows.append((prefix + name, f"{info.description or ''}{default}"))
@@ -118,7 +123,9 @@ def describe_adapter(directory: Path) -> str:
         ),
         f"  base {cfg.get('base_model_name_or_path')}, task {cfg.get('task_type')}, fan_in_fan_out {adapter.fan_in_fan_out}",
         f"  targets {', '.join(sorted({s.path.rsplit('.', 1)[-1] for s in specs}))}; "
-        f"layers {layers[0]}..{layers[-1]} ({len(layers)})" if layers else "  no layered modules",
+        f"layers {layers[0]}..{layers[-1]} ({len(layers)})"
+        if layers
+        else "  no layered modules",
         f"  dtype {', '.join(f'{k} x{v}' for k, v in dtypes.items())}; {len(specs)} modules",
     ]
     rows: list[Sequence[object]] = [("module", "rank", "scale", "||s B A||_F")]

@@ -46,7 +46,9 @@ class Inputs:
 
 def open_inputs(recipe: Recipe) -> Inputs:
     """Resolve and open every input (headers only)."""
-    base_dir = resolve_reference(recipe.base_model, recipe.root, "base_model", "base+tokenizer" if recipe.output == "model" else "base")
+    base_dir = resolve_reference(
+        recipe.base_model, recipe.root, "base_model", "base+tokenizer" if recipe.output == "model" else "base"
+    )
     adapters = [
         LoraAdapter(spec.name, resolve_reference(spec.path, recipe.root, f"adapters.{i}.path"))
         for i, spec in enumerate(recipe.adapters)

@@ -118,7 +118,9 @@ def merged_blocks(
         add_delta_rows_(work, factors, lo, hi, transposed)
         out = buffers.out(n * itemsize).view(dtype).view(hi - lo, cols)
         out.copy_(work if on_cpu else work.to(dtype))  # the cast back to the base dtype
-        check_finite_cast(out, work, f"{where} rows {lo}:{hi}", "use smaller weights, or export from a bfloat16/float32 base")  # what is written is what was checked
+        check_finite_cast(
+            out, work, f"{where} rows {lo}:{hi}", "use smaller weights, or export from a bfloat16/float32 base"
+        )  # what is written is what was checked
         yield out
 
 
@@ -127,6 +129,7 @@ def output_order(keys: list[str], ranges: dict) -> list[str]:
 
     This is the plan's layer order, so the merged factors arrive just when their tensors do.
     """
+
     def sort_key(key: str) -> tuple:
         layer = layer_of(key.removesuffix(".weight"))
         return (layer is None, layer or 0, str(ranges[key].file), ranges[key].offset)
@@ -176,8 +179,13 @@ def copy_side_files(base: BaseModelInfo, tmp: Path, untie: bool) -> None:
 
 
 def fold_stream(
-    order: list[str], specs: dict[str, TensorSpec], ranges: dict[str, ByteRange], targets: dict[str, ModulePlan],
-    merged: Iterator[MergedModule], fan_in_fan_out: bool, energy: dict[str, float],
+    order: list[str],
+    specs: dict[str, TensorSpec],
+    ranges: dict[str, ByteRange],
+    targets: dict[str, ModulePlan],
+    merged: Iterator[MergedModule],
+    fan_in_fan_out: bool,
+    energy: dict[str, float],
     buffers: BlockBuffers,
 ) -> Iterator[tuple[str, ByteRange | torch.Tensor]]:
     """Every output tensor in ``order``: (key, ByteRange) to copy, or (key, row block) parts to write.
@@ -300,7 +308,9 @@ def check_dtypes(specs: dict[str, TensorSpec], targets: dict[str, ModulePlan]) -
             raise SoupkitError(f"base_model tensor {key}", f"one of {', '.join(DTYPES)}", tag, "export from an unquantised base")
         if key in targets and not DTYPES[tag][0].is_floating_point:
             raise SoupkitError(
-                f"base_model tensor {key}", "a floating-point weight to add the update to", f"{tag} (quantised?)",
+                f"base_model tensor {key}",
+                "a floating-point weight to add the update to",
+                f"{tag} (quantised?)",
                 "merge into an unquantised base, then quantise the export",
             )
 

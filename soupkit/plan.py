@@ -123,7 +123,9 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
             base.check_module(adapter, spec)
     flags = {a.fan_in_fan_out for a in adapters}
     if len(flags) > 1:
-        raise AdapterError("adapters", "the same fan_in_fan_out in every adapter", "a mix of true and false", "use adapters of one base")
+        raise AdapterError(
+            "adapters", "the same fan_in_fan_out in every adapter", "a mix of true and false", "use adapters of one base"
+        )
     reason = method.check_inputs([[s.rank for s in a.modules.values()] for a in adapters], recipe.merge.params)
     if reason:
         raise RecipeError("merge.method", f"inputs that '{method.name}' can merge", reason, "choose another method")
@@ -190,13 +192,21 @@ def check_rank_budget(recipe: Recipe, method: MergeMethod, modules: list[ModuleP
     where = "merge.rank"
     if not method.uses_rank:
         raise RecipeError(
-            where, f"no merge.rank with '{method.name}' (its output rank is fixed by the inputs)", "a rank budget", "remove merge.rank, or use svd, linear or lego"
+            where,
+            f"no merge.rank with '{method.name}' (its output rank is fixed by the inputs)",
+            "a rank budget",
+            "remove merge.rank, or use svd, linear or lego",
         )
     params = recipe.merge.params
     limit = max((usable_rank(method, m, params) for m in modules if m.sources), default=0)
     if budget > limit:
         why = "min(d_out, d_in) of the largest module" if method.forms_dense(params) else "the sum of the input ranks"
-        raise RecipeError(where, f"at most {limit} ({why}: the most '{method.name}' can use here)", f"{budget}", f"set merge.rank <= {limit} or remove it")
+        raise RecipeError(
+            where,
+            f"at most {limit} ({why}: the most '{method.name}' can use here)",
+            f"{budget}",
+            f"set merge.rank <= {limit} or remove it",
+        )
 
 
 def glob_suggestions(paths: list[str]) -> list[str]:
@@ -216,5 +226,8 @@ def check_module_globs(recipe: Recipe, paths: list[str]) -> None:
         if not any(fnmatch.fnmatchcase(path, override.match) for path in paths):
             found = f"'{override.match[:80]}', which matches none{did_you_mean(override.match, glob_suggestions(paths))}"
             raise RecipeError(
-                f"merge.modules[{i}].match", "a glob matching at least one merged module", found, f"module paths look like '{paths[0]}'"
+                f"merge.modules[{i}].match",
+                "a glob matching at least one merged module",
+                found,
+                f"module paths look like '{paths[0]}'",
             )

@@ -25,9 +25,7 @@ def char_tokenizer() -> Any:
     vocab = {tok: i for i, tok in enumerate(SPECIAL + CHARS)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per char
     core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def tiny_llama_config(**overrides: Any) -> Any:

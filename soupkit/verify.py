@@ -51,13 +51,17 @@ def read_lock(out: Path) -> dict:
     """The lock file of ``out`` as a dict; a missing or unreadable lock is a user error."""
     path = out / LOCK_NAME
     if not path.is_file():
-        raise SoupkitError(str(out), f"an output directory with {LOCK_NAME}", "no lock file", "point at a directory written by `soupkit merge`")
+        raise SoupkitError(
+            str(out), f"an output directory with {LOCK_NAME}", "no lock file", "point at a directory written by `soupkit merge`"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError):
         raise SoupkitError(str(path), "a YAML lock file", "unreadable content", "re-run the merge to rewrite it") from None
     if not isinstance(data, dict) or not isinstance(data.get("soupkit_lock"), dict):
-        raise SoupkitError(str(path), "a soupkit lock file (with a soupkit_lock section)", "another YAML file", "re-run the merge")
+        raise SoupkitError(
+            str(path), "a soupkit lock file (with a soupkit_lock section)", "another YAML file", "re-run the merge"
+        )
     return data
 
 
@@ -109,7 +113,9 @@ def verify_output(out: Path) -> VerifyReport:
         _check_files(report, group, directory, recorded)
     outputs: dict[str, str] = meta.get("outputs") or {}
     if not outputs:
-        report.findings.append(Finding("output", "(all)", "missing", "the lock records no output hashes (written by an older soupkit)"))
+        report.findings.append(
+            Finding("output", "(all)", "missing", "the lock records no output hashes (written by an older soupkit)")
+        )
     _check_files(report, "output", out, outputs)
     present = {str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and f.name != LOCK_NAME}
     for name in sorted(present - set(outputs)):

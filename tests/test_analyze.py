@@ -109,7 +109,10 @@ def test_layer_and_model_summaries_equal_dense(analysed: tuple[dict, dict]) -> N
     for summary in [*result["layers"], result["model"]]:
         label = summary["layer"]
         paths = [r["path"] for r in result["modules"] if label == "model" or r["layer"] == label]
-        flat = {n: torch.cat([deltas[n].get(p, torch.zeros_like(base[f"{p}.weight"].double())).flatten() for p in paths]) for n in NAMES}
+        flat = {
+            n: torch.cat([deltas[n].get(p, torch.zeros_like(base[f"{p}.weight"].double())).flatten() for p in paths])
+            for n in NAMES
+        }
         W = torch.cat([base[f"{p}.weight"].double().flatten() for p in paths])
         for n in NAMES:
             assert close(summary["norm"][n], float(flat[n].norm()))
@@ -147,7 +150,9 @@ def test_cli_writes_json_table_heatmaps_and_refuses_a_taken_path(tmp_path: Path)
     assert "| model |" in result.output
     data = json.loads((out / "analysis.json").read_text())
     assert data["adapters"] == list(NAMES) and "sign_conflict" not in data["model"]
-    assert {p.name for p in out.glob("*.png")} == {f"{s}.png" for s in ("norm", "relative_norm", "cosine", "col_overlap", "row_overlap", "cat_rank", "core_rank")}
+    assert {p.name for p in out.glob("*.png")} == {
+        f"{s}.png" for s in ("norm", "relative_norm", "cosine", "col_overlap", "row_overlap", "cat_rank", "core_rank")
+    }
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
     again = CliRunner().invoke(main, ["analyze", str(recipe), "-o", str(out)])
     assert again.exit_code == 2 and again.output.count("\n") == 1 and "--overwrite" in again.output

@@ -141,7 +141,9 @@ def pickle_only(adapter: Path) -> None:
 
 
 def rename_layer(adapter: Path) -> None:
-    edit_tensors(adapter, lambda t: [t.__setitem__(k.replace("layers.0.", "layers.7."), t.pop(k)) for k in list(t) if "layers.0." in k])
+    edit_tensors(
+        adapter, lambda t: [t.__setitem__(k.replace("layers.0.", "layers.7."), t.pop(k)) for k in list(t) if "layers.0." in k]
+    )
 
 
 def broken_base(edit: Callable[[Path], None]) -> Callable[[Path], list[str]]:
@@ -285,49 +287,97 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("unknown_merge_key", recipe_case(lambda r: r["merge"].update(rnak=4)), "unknown key 'rnak' (did you mean 'rank'?)"),
     ("unknown_adapter_key", recipe_case(lambda r: r["adapters"][0].update(wieght=1)), "unknown key 'wieght'"),
     ("unknown_method", recipe_case(lambda r: r["merge"].update(method="catt")), "did you mean 'cat'"),
-    ("weight_wrong_type", recipe_case(lambda r: r["adapters"][0].update(weight="heavy")), "adapters[0].weight: expected a number or a list, found 'heavy'"),
+    (
+        "weight_wrong_type",
+        recipe_case(lambda r: r["adapters"][0].update(weight="heavy")),
+        "adapters[0].weight: expected a number or a list, found 'heavy'",
+    ),
     ("weight_empty_list", recipe_case(lambda r: r["adapters"][0].update(weight=[])), "at least one value"),
     ("missing_base_model", recipe_case(lambda r: r.pop("base_model")), "add 'base_model'"),
     ("no_adapters", recipe_case(lambda r: r.update(adapters=[])), "adapters"),
     ("duplicate_names", recipe_case(lambda r: r["adapters"][1].update(name="math")), "duplicate adapter name 'math'"),
     ("rank_zero", recipe_case(lambda r: r["merge"].update(rank=0)), "merge.rank"),
     ("bad_dtype", recipe_case(lambda r: r.update(dtype="float8")), "dtype"),
-    ("override_unknown_adapter", recipe_case(lambda r: r["merge"].update(modules=[{"match": "*", "weights": {"maths": 1}}])), "did you mean 'math'"),
+    (
+        "override_unknown_adapter",
+        recipe_case(lambda r: r["merge"].update(modules=[{"match": "*", "weights": {"maths": 1}}])),
+        "did you mean 'math'",
+    ),
     ("cat_given_density", recipe_case(lambda r: r["merge"].update(density=0.5)), "unknown key 'density'"),
     ("density_out_of_range", density_case, "density"),
     # numbers that are not numbers, ranks and globs (validate refuses them too)
-    ("weight_nan", raw_recipe_case(lambda t: t.replace("weight: 1.0", "weight: .nan", 1)), "adapters[0].weight: expected a finite number"),
+    (
+        "weight_nan",
+        raw_recipe_case(lambda t: t.replace("weight: 1.0", "weight: .nan", 1)),
+        "adapters[0].weight: expected a finite number",
+    ),
     ("weight_inf", raw_recipe_case(lambda t: t.replace("weight: 1.0", "weight: .inf", 1)), "found .inf"),
     ("weight_nan_validate", raw_recipe_case(lambda t: t.replace("weight: 1.0", "weight: .nan", 1), "validate"), "found .nan"),
-    ("gradient_inf", recipe_case(lambda r: r["adapters"][1].update(weight=[1.0, float("inf")])), "adapters[1].weight[1]: expected a finite"),
-    ("module_weight_nan", recipe_case(lambda r: r["merge"].update(modules=[{"match": "*", "weights": {"code": float("nan")}}])), "merge.modules[0].weights.code"),
+    (
+        "gradient_inf",
+        recipe_case(lambda r: r["adapters"][1].update(weight=[1.0, float("inf")])),
+        "adapters[1].weight[1]: expected a finite",
+    ),
+    (
+        "module_weight_nan",
+        recipe_case(lambda r: r["merge"].update(modules=[{"match": "*", "weights": {"code": float("nan")}}])),
+        "merge.modules[0].weights.code",
+    ),
     ("ties_lambda_inf", method_case("ties", **{"lambda": float("inf")}), "merge.lambda: expected a finite number"),
     ("density_nan", method_case("ties", density=float("nan")), "merge.density: expected a finite number"),
     ("della_epsilon_inf", method_case("della", epsilon=float("inf")), "merge.epsilon: expected a finite number"),
-    ("weight_yes_is_not_1", recipe_case(lambda r: r["adapters"][0].update(weight=True)), "adapters[0].weight: expected a number or a list, found True"),
+    (
+        "weight_yes_is_not_1",
+        recipe_case(lambda r: r["adapters"][0].update(weight=True)),
+        "adapters[0].weight: expected a number or a list, found True",
+    ),
     ("rank_true", method_case("svd", rank=True), "merge.rank: expected an integer, found True"),
     ("density_quoted", method_case("ties", density="0.5"), "merge.density: expected a number, found '0.5'"),
     ("rank_huge", method_case("svd", rank=1_000_000_000), "merge.rank: expected at most 12"),
     ("rank_huge_validate", lambda d: ["validate", str(recipe_file(d, tiny_recipe("ties", rank=10**9)))], "expected at most 64"),
     ("rank_huge_plan", lambda d: ["plan", str(recipe_file(d, tiny_recipe("linear", rank=10**9)))], "expected at most 12"),
-    ("rank_above_core_space", method_case("ties", rank=20, space="core"), "merge.rank: expected at most 12 (the sum of the input ranks"),
+    (
+        "rank_above_core_space",
+        method_case("ties", rank=20, space="core"),
+        "merge.rank: expected at most 12 (the sum of the input ranks",
+    ),
     ("rank_ignored_by_cat", method_case("cat", rank=4), "no merge.rank with 'cat'"),
-    ("glob_matches_nothing", recipe_case(lambda r: r["merge"].update(modules=[{"match": "*.mpl.*", "weights": {"math": 2}}])), "did you mean '*.mlp.*'"),
-    ("glob_typo_validate", validate_case(lambda r: r["merge"].update(modules=[{"match": "model.layers.1.self_attn.q_prj", "weights": {"math": 2}}])), "did you mean 'model.layers.1.self_attn.q_proj'"),
+    (
+        "glob_matches_nothing",
+        recipe_case(lambda r: r["merge"].update(modules=[{"match": "*.mpl.*", "weights": {"math": 2}}])),
+        "did you mean '*.mlp.*'",
+    ),
+    (
+        "glob_typo_validate",
+        validate_case(lambda r: r["merge"].update(modules=[{"match": "model.layers.1.self_attn.q_prj", "weights": {"math": 2}}])),
+        "did you mean 'model.layers.1.self_attn.q_proj'",
+    ),
     ("target_outside_config", broken_adapter(target_outside_config), "PEFT never applies others"),
     # what is written is what was checked
     ("fp16_overflow", fp16_overflow, "beyond float16's maximum"),
     ("export_fp16_overflow", export_fp16_overflow, "beyond float16's maximum"),
     # YAML and messages
-    ("pydantic_message_form", recipe_case(lambda r: r["adapters"][0].update(weight=[1.0, "x"])), "adapters[0].weight[1]: expected a number, found 'x';"),
+    (
+        "pydantic_message_form",
+        recipe_case(lambda r: r["adapters"][0].update(weight=[1.0, "x"])),
+        "adapters[0].weight[1]: expected a number, found 'x';",
+    ),
     ("value_1mb_echo_short", recipe_case(lambda r: r["adapters"][0].update(weight="x" * 2**20)), "found 'xxxx"),
     ("method_name_1mb", recipe_case(lambda r: r["merge"].update(method="x" * 2**20)), "merge.method: expected one of"),
     ("adapter_path_1mb", recipe_case(lambda r: r["adapters"][0].update(path="a/" * 2**19)), "adapters.0.path"),
     ("recipe_10mb", recipe_case(lambda r: r["adapters"][0].update(weight="x" * 10 * 2**20)), "a recipe of at most 4 MB"),
     ("alias_bomb", lambda d: merge_args(d, ALIAS_BOMB), "an alias bomb"),
     ("alias_recursive", lambda d: merge_args(d, "a: &a [1, *a]\n"), "an alias bomb"),
-    ("duplicate_keys", raw_recipe_case(lambda t: t.replace("dtype: float32", "dtype: float32\ndtype: float16")), "a second 'dtype'"),
-    ("duplicate_adapter_keys", raw_recipe_case(lambda t: t.replace("weight: 1.0", "weight: 1.0\n  weight: 2.0", 1)), "a second 'weight'"),
+    (
+        "duplicate_keys",
+        raw_recipe_case(lambda t: t.replace("dtype: float32", "dtype: float32\ndtype: float16")),
+        "a second 'dtype'",
+    ),
+    (
+        "duplicate_adapter_keys",
+        raw_recipe_case(lambda t: t.replace("weight: 1.0", "weight: 1.0\n  weight: 2.0", 1)),
+        "a second 'weight'",
+    ),
     ("deep_nesting", lambda d: merge_args(d, "[" * 50_000), "nesting"),
     # fit-alpha reads its data before the base model
     ("fit_data_typo", fit_data_typo, "no such file"),
@@ -350,17 +400,35 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("truncated_header", broken_adapter(raw_weights(lambda b: b[:5])), "a safetensors file"),
     ("header_cut_short", broken_adapter(raw_weights(lambda b: b[:40])), "a complete safetensors header"),
     ("header_not_json", broken_adapter(raw_weights(lambda b: struct.pack("<Q", 16) + b"\xff" * 16)), "a JSON safetensors header"),
-    ("header_bad_entries", broken_adapter(raw_weights(lambda b: struct.pack("<Q", 16) + b'{"x": {"a": 1}} ')), "malformed entries"),
+    (
+        "header_bad_entries",
+        broken_adapter(raw_weights(lambda b: struct.pack("<Q", 16) + b'{"x": {"a": 1}} ')),
+        "malformed entries",
+    ),
     ("nan_in_tensor", broken_adapter(set_tensor(Q_A, lambda t: t.index_fill(1, torch.tensor([3]), float("nan")))), "NaN or Inf"),
     ("inf_in_tensor", broken_adapter(set_tensor(Q_B, lambda t: t.index_fill(0, torch.tensor([0]), float("inf")))), "NaN or Inf"),
     ("shape_vs_base", broken_adapter(set_tensor(Q_A, lambda t: t[:, :32].contiguous())), "(64, 32)"),
-    ("rank_zero_tensors", broken_adapter(lambda a: edit_tensors(a, lambda t: t.update({Q_A: torch.zeros(0, 64), Q_B: torch.zeros(64, 0)}))), "rank 0"),
+    (
+        "rank_zero_tensors",
+        broken_adapter(lambda a: edit_tensors(a, lambda t: t.update({Q_A: torch.zeros(0, 64), Q_B: torch.zeros(64, 0)}))),
+        "rank 0",
+    ),
     ("missing_lora_B", broken_adapter(lambda a: edit_tensors(a, lambda t: t.pop(Q_B))), "both lora_A and lora_B"),
     ("int_tensor", broken_adapter(set_tensor(Q_A, lambda t: t.to(torch.int32))), "a float tensor"),
     ("conv_lora", broken_adapter(set_tensor(Q_A, lambda t: t[:, :, None, None].contiguous())), "conv LoRAs are not supported"),
-    ("unknown_tensor", broken_adapter(lambda a: edit_tensors(a, lambda t: t.update({Q_A.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(64)}))), "another tensor"),
+    (
+        "unknown_tensor",
+        broken_adapter(
+            lambda a: edit_tensors(a, lambda t: t.update({Q_A.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(64)}))
+        ),
+        "another tensor",
+    ),
     ("module_not_in_base", broken_adapter(rename_layer), "none in the base model"),
-    ("embedding_copy_trained", broken_adapter(embedding_with_base_copy((100, 64))), "different values (trained or resized embeddings)"),
+    (
+        "embedding_copy_trained",
+        broken_adapter(embedding_with_base_copy((100, 64))),
+        "different values (trained or resized embeddings)",
+    ),
     ("embedding_copy_resized", broken_adapter(embedding_with_base_copy((101, 64))), "(a resized vocabulary)"),
     ("dora_config", broken_adapter(lambda a: edit_config(a, use_dora=True)), "use_dora: True (DoRA"),
     ("dora_built_by_peft", real_dora, "DoRA"),

@@ -63,7 +63,13 @@ def test_validate_plan_methods_inspect() -> None:
     rows = [line for line in result.output.splitlines() if line.startswith("  model.")]
     assert len(rows) == 14
     cells = {re.split(r"\s{2,}", row.strip())[0]: re.split(r"\s{2,}", row.strip()) for row in rows}
-    assert cells["model.layers.1.mlp.up_proj"] == ["model.layers.1.mlp.up_proj", "128x64", "12", "12", "math(r=4, w=0.8), code(r=8, w=0.2)"]
+    assert cells["model.layers.1.mlp.up_proj"] == [
+        "model.layers.1.mlp.up_proj",
+        "128x64",
+        "12",
+        "12",
+        "math(r=4, w=0.8), code(r=8, w=0.2)",
+    ]
     header = next(line for line in result.output.splitlines() if line.startswith("module "))
     assert {row.index("math(") for row in rows} == {header.index("sources")}  # aligned columns
     assert "estimated peak working memory" in result.output

@@ -133,7 +133,15 @@ def test_sigkill_leaves_no_half_output_and_rerun_is_identical(killed: dict, name
     parent = killed["root"] / name
     out = parent / "out"
     assert killed["reached"][name][-1:] == ["STOPPED"], killed["reached"][name]  # killed exactly at the point
-    state = "absent" if not out.exists() else "new" if snapshot(out) == killed["new"] else "old" if snapshot(out) == killed["old"] else "corrupt"
+    state = (
+        "absent"
+        if not out.exists()
+        else "new"
+        if snapshot(out) == killed["new"]
+        else "old"
+        if snapshot(out) == killed["old"]
+        else "corrupt"
+    )
     assert state == expected
     if name != "replaced-1":  # (after a fresh output is published nothing is left beside it)
         assert leftovers(parent), "the kill should have left its temporary directory"

@@ -67,7 +67,13 @@ def sample_text(n: int, length: int, temperature: float, seed: int) -> list[str]
     start = torch.full((n, 1), tokenizer.bos_token_id)
     with torch.no_grad():  # special tokens suppressed: printable characters only, so the text round-trips
         ids = model.generate(
-            start, do_sample=True, temperature=temperature, top_k=0, max_new_tokens=length, min_new_tokens=length, suppress_tokens=[0, 1, 2, 3]
+            start,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            max_new_tokens=length,
+            min_new_tokens=length,
+            suppress_tokens=[0, 1, 2, 3],
         )
     return tokenizer.batch_decode(ids[:, 1:], skip_special_tokens=True)
 
@@ -133,7 +139,9 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     recipe = write_recipe(tmp, tiny_recipe("cat"))
     out = tmp / "fitted" / "cat-fitted.yaml"
     args = ["fit-alpha", str(recipe), "--data", str(train), "--eval-data", str(heldout), "-o", str(out)]
-    result = CliRunner().invoke(main, [*args, "--steps", "30", "--batch-size", "8", "--lr", "0.1", "--eval-every", "5", "--patience", "10"])
+    result = CliRunner().invoke(
+        main, [*args, "--steps", "30", "--batch-size", "8", "--lr", "0.1", "--eval-every", "5", "--patience", "10"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp / "fitted" / "cat-fitted-report" / "fit_report.json").read_text())
     return {"tmp": tmp, "out": out, "report": report, "recipe": recipe}
@@ -182,7 +190,20 @@ def test_accumulation_splits_give_the_same_weights(tmp_path: Path) -> None:
     weights = []
     for batch, accum in ((8, 1), (2, 4)):
         out = tmp_path / f"b{batch}.yaml"
-        args = ["fit-alpha", str(recipe), "--data", str(train), "-o", str(out), "--steps", "4", "--batch-size", str(batch), "--grad-accum", str(accum)]
+        args = [
+            "fit-alpha",
+            str(recipe),
+            "--data",
+            str(train),
+            "-o",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            str(batch),
+            "--grad-accum",
+            str(accum),
+        ]
         result = CliRunner().invoke(main, [*args, "--granularity", "layer", "--constraint", "free"])
         assert result.exit_code == 0, result.output
         weights.append(json.loads((tmp_path / f"b{batch}-report" / "fit_report.json").read_text())["weights"])
@@ -203,7 +224,20 @@ def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_pa
     train = write_jsonl(tmp_path / "calib.jsonl", [{"text": t[: 12 + i]} for i, t in enumerate(texts[:20])])  # unequal lengths
     heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in texts[20:]])
     recipe = write_recipe(tmp_path, tiny_recipe("cat"))
-    args = ["fit-alpha", str(recipe), "--data", str(train), "--eval-data", str(heldout), "--steps", "4", "--batch-size", "4", "--lr", "0.1"]
+    args = [
+        "fit-alpha",
+        str(recipe),
+        "--data",
+        str(train),
+        "--eval-data",
+        str(heldout),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with socket.socket() as probe:  # a free port: a fixed one collides with other test runs on the machine
         probe.bind(("127.0.0.1", 0))
@@ -235,7 +269,9 @@ def test_lorahub_search_writes_one_weight_per_adapter(tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "calib.jsonl", [{"text": t} for t in texts])
     recipe = write_recipe(tmp_path, tiny_recipe("cat"))
     out = tmp_path / "hub.yaml"
-    result = CliRunner().invoke(main, ["fit-alpha", str(recipe), "--data", str(train), "-o", str(out), "--search", "lorahub", "--budget", "12"])
+    result = CliRunner().invoke(
+        main, ["fit-alpha", str(recipe), "--data", str(train), "-o", str(out), "--search", "lorahub", "--budget", "12"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "hub-report" / "fit_report.json").read_text())
     values = {a: {w[a] for w in report["weights"].values() if a in w} for a in ("math", "code")}
@@ -253,7 +289,9 @@ def test_prompt_completion_puts_loss_on_the_completion_only() -> None:
     example = tokenize_record({"prompt": "2+2=", "completion": "4!"}, tokenizer, 64, "r")
     assert example.labels[-2:] == example.input_ids[-2:] and example.labels[-2:] != [IGNORE, IGNORE]
     assert all(t == IGNORE for t in example.labels[:-2]) and example.n_target == 2
-    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    )
     chat = {"messages": [{"role": "u", "content": "hi"}, {"role": "a", "content": "yo!"}]}
     example = tokenize_record(chat, tokenizer, 64, "r")
     assert tokenizer.decode(example.input_ids) == "<u>hi<a>yo!"
@@ -272,5 +310,7 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "merge.method" in result.output
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     cat = write_recipe(tmp_path, tiny_recipe("cat"), "cat.yaml")
-    result = CliRunner().invoke(main, ["fit-alpha", str(cat), "--data", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "x.yaml")])
+    result = CliRunner().invoke(
+        main, ["fit-alpha", str(cat), "--data", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "x.yaml")]
+    )
     assert result.exit_code == 2 and "bad.jsonl:1" in result.output and not (tmp_path / "x.yaml").exists()

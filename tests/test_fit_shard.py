@@ -46,8 +46,10 @@ def one_process_group() -> object:
 def random_text(n: int, seed: int) -> list[str]:
     gen = torch.Generator().manual_seed(seed)
     chars = "abcdefghij +=0123456789"
-    return ["".join(chars[i] for i in torch.randint(0, len(chars), (int(length),), generator=gen).tolist())
-            for length in torch.randint(12, 40, (n,), generator=gen)]
+    return [
+        "".join(chars[i] for i in torch.randint(0, len(chars), (int(length),), generator=gen).tolist())
+        for length in torch.randint(12, 40, (n,), generator=gen)
+    ]
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -57,7 +59,10 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
 
 def test_checkpoint_key_maps_catlinear_names_back_to_the_base() -> None:
     targets = {"model.layers.0.self_attn.q_proj"}
-    assert checkpoint_key("base.model.layers.0.self_attn.q_proj.base_layer.weight", targets) == "model.layers.0.self_attn.q_proj.weight"
+    assert (
+        checkpoint_key("base.model.layers.0.self_attn.q_proj.base_layer.weight", targets)
+        == "model.layers.0.self_attn.q_proj.weight"
+    )
     assert checkpoint_key("base.model.layers.0.self_attn.o_proj.weight", targets) == "model.layers.0.self_attn.o_proj.weight"
     assert checkpoint_key("base.lm_head.weight", targets) == "lm_head.weight"
 
@@ -116,11 +121,43 @@ def test_two_sharded_processes_give_the_weights_of_one_unsharded(tmp_path: Path)
     texts = random_text(28, seed=3)
     train, heldout = write_jsonl(tmp_path / "calib.jsonl", texts[:20]), write_jsonl(tmp_path / "heldout.jsonl", texts[20:])
     recipe = write_recipe(tmp_path, tiny_recipe("cat"))
-    args = ["fit-alpha", str(recipe), "--data", str(train), "--eval-data", str(heldout), "--steps", "4", "--batch-size", "4", "--lr", "0.1",
-            "--constraint", "free", "--eval-every", "4"]
+    args = [
+        "fit-alpha",
+        str(recipe),
+        "--data",
+        str(train),
+        "--eval-data",
+        str(heldout),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.1",
+        "--constraint",
+        "free",
+        "--eval-every",
+        "4",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "soupkit"]
-    done = subprocess.run([*launch, *args, "--shard", "--checkpointing", "-o", str(tmp_path / "two.yaml")], env=env, capture_output=True, text=True, check=False)
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "soupkit",
+    ]
+    done = subprocess.run(
+        [*launch, *args, "--shard", "--checkpointing", "-o", str(tmp_path / "two.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1  # rank 0 alone reports (and writes)
     result = CliRunner().invoke(main, [*args, "--grad-accum", "2", "-o", str(tmp_path / "one.yaml")])

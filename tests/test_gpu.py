@@ -23,7 +23,9 @@ from soupkit.recipe import Recipe
 
 from conftest import ROOT, reference_deltas
 
-RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if yaml.safe_load(p.read_text()).get("output", "adapter") == "adapter")
+RECIPES = sorted(
+    p for p in (ROOT / "recipes").glob("*.yaml") if yaml.safe_load(p.read_text()).get("output", "adapter") == "adapter"
+)
 CUDA = torch.device("cuda")
 
 

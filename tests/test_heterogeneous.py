@@ -35,8 +35,12 @@ LLAMA_VARIANTS: dict[str, dict] = {
         rank_pattern={"model.layers.1.mlp.up_proj": 2, "up_proj": 6, "down_proj": 4},
         alpha_pattern={"gate_proj": 20, "layers.0.mlp.down_proj": 3},
     ),
-    "rslora": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], rank_pattern={"o_proj": 4}),
-    "layers": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    "rslora": dict(
+        r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], rank_pattern={"o_proj": 4}
+    ),
+    "layers": dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"], layers_to_transform=[1], layers_pattern="layers"
+    ),
     "layers0": dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[0], layers_pattern="layers"),
     "embed": dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "k_proj"]),
     "bf16": dict(r=6, lora_alpha=12, target_modules=["v_proj", "up_proj"]),
@@ -136,7 +140,12 @@ def test_single_variant_identity(tmp_path: Path, zoo: dict, name: str) -> None:
     out = merge(tmp_path, base, {name: 1.0}, zoo)
     check_output(base, out, peft_deltas(base, adapter))
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["lora_alpha"] == config["r"] and not config["use_rslora"] and not config["rank_pattern"] and not config["alpha_pattern"]
+    assert (
+        config["lora_alpha"] == config["r"]
+        and not config["use_rslora"]
+        and not config["rank_pattern"]
+        and not config["alpha_pattern"]
+    )
     assert not config.get("layers_to_transform")  # the zeros written for other layers are exact
 
 

@@ -165,5 +165,9 @@ def test_salt_values_are_the_ones_lock_files_recorded() -> None:
     from soupkit.methods import seeds
 
     assert (seeds.DARE, seeds.DELLA, seeds.RANGE_FINDER, seeds.LEGO_KMEANS, seeds.PEFT_MASKS) == (
-        "dare", "della", "range-finder", "lego-kmeans", "peft"
+        "dare",
+        "della",
+        "range-finder",
+        "lego-kmeans",
+        "peft",
     )

@@ -200,9 +200,7 @@ def random_factors(seed: int, d_out: int = 8, d_in: int = 6, rank: int = 2) -> L
     return LoraFactors(A=torch.randn(rank, d_in, generator=g), B=torch.randn(d_out, rank, generator=g))
 
 
-@pytest.mark.parametrize(
-    "name,params,n", [("dare_linear", {"density": 0.4}, 2), ("della", {"density": 0.5, "epsilon": 0.2}, 1)]
-)
+@pytest.mark.parametrize("name,params,n", [("dare_linear", {"density": 0.4}, 2), ("della", {"density": 0.5, "epsilon": 0.2}, 1)])
 def test_random_drops_are_unbiased(name: str, params: dict, n: int) -> None:
     """Mean over many seeds of the drop-and-rescale merge equals the plain weighted sum.
 

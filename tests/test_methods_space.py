@@ -120,7 +120,7 @@ def module_merge(name: str, inputs: list[LoraFactors], weights: list[float], ran
     ctx = MergeContext("model.layers.0.mlp.up_proj", rank, 0, sources=("math", "code", "chat")[: len(inputs)])
     f = method.merge(inputs, weights, p, ctx).factors
     assert f.rank <= method.output_rank([x.rank for x in inputs], p, rank)
-    return (f.B.double() @ f.A.double())
+    return f.B.double() @ f.A.double()
 
 
 def weighted(inputs: list[LoraFactors], weights: list[float]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

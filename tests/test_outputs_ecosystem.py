@@ -18,7 +18,9 @@ from conftest import TINY, tiny_recipe, write_recipe
 
 
 def merge(tmp_path: Path, recipe: dict, out: str) -> Path:
-    result = CliRunner().invoke(main, ["merge", str(write_recipe(tmp_path, recipe, f"{out}.yaml")), "-o", str(tmp_path / out), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["merge", str(write_recipe(tmp_path, recipe, f"{out}.yaml")), "-o", str(tmp_path / out), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     return tmp_path / out
 

@@ -47,6 +47,8 @@ def test_readme_setup_and_quick_start_run_as_written(tmp_path: Path) -> None:
     assert (bin_dir / "soupkit").exists(), f"no soupkit console script beside {sys.executable}: pip install -e ."
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     for command in commands:
-        done = subprocess.run(["bash", "-c", command], check=False, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            ["bash", "-c", command], check=False, cwd=repo, env=env, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, f"README command failed: {command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     assert (repo / "out" / "cat-fitted" / "adapter_model.safetensors").is_file()

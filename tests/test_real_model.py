@@ -210,8 +210,10 @@ def test_full_model_export_gives_the_same_logits(tmp_path, real_base, loras, tok
 
 
 def test_fit_alpha_three_steps_writes_its_report(tmp_path, real_base, loras):
-    rows = [{"prompt": f"What is {a} + {b}?", "completion": f"{a} + {b} = {a + b}. The answer is {a + b}."} for a, b in
-            [(3, 5), (12, 7), (40, 2), (9, 9), (21, 30), (8, 1), (6, 60), (17, 4)]]
+    rows = [
+        {"prompt": f"What is {a} + {b}?", "completion": f"{a} + {b} = {a + b}. The answer is {a + b}."}
+        for a, b in [(3, 5), (12, 7), (40, 2), (9, 9), (21, 30), (8, 1), (6, 60), (17, 4)]
+    ]
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = write_recipe(tmp_path, recipe(real_base, loras, {"math": 0.5, "code": 0.5}, method="cat"))

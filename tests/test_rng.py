@@ -102,11 +102,17 @@ def test_masks_follow_the_adapter_not_its_position() -> None:
     forward = MergeContext(module, None, 5, sources=("math", "code"))
     backward = MergeContext(module, None, 5, sources=("code", "math"))
     for j, name in enumerate(("math", "code")):
-        assert torch.equal(forward.uniform((6, 9), torch.device("cpu"), "dare", j), backward.uniform((6, 9), torch.device("cpu"), "dare", 1 - j))
+        assert torch.equal(
+            forward.uniform((6, 9), torch.device("cpu"), "dare", j), backward.uniform((6, 9), torch.device("cpu"), "dare", 1 - j)
+        )
         assert name == backward.source(1 - j)
-    assert not torch.equal(forward.uniform((6, 9), torch.device("cpu"), "dare", 0), forward.uniform((6, 9), torch.device("cpu"), "dare", 1))
+    assert not torch.equal(
+        forward.uniform((6, 9), torch.device("cpu"), "dare", 0), forward.uniform((6, 9), torch.device("cpu"), "dare", 1)
+    )
     other_module = MergeContext("model.layers.1.self_attn.q_proj", None, 5, sources=("math", "code"))
-    assert not torch.equal(forward.uniform((6, 9), torch.device("cpu"), "dare", 0), other_module.uniform((6, 9), torch.device("cpu"), "dare", 0))
+    assert not torch.equal(
+        forward.uniform((6, 9), torch.device("cpu"), "dare", 0), other_module.uniform((6, 9), torch.device("cpu"), "dare", 0)
+    )
 
 
 def test_lock_records_the_generator(tmp_path: Path) -> None:

@@ -139,13 +139,19 @@ def user_file(w: World, name: str = "notes.txt") -> Path:
 CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     # 1. inputs are never written, whatever the flags
     "base_as_out_overwrite": (lambda w: w.merge(w.inputs / "base", "--overwrite"), "found the base model folder"),
-    "base_as_out_output_model": (lambda w: w.merge(w.inputs / "base", "--overwrite", recipe=w.model_recipe), "found the base model folder"),
+    "base_as_out_output_model": (
+        lambda w: w.merge(w.inputs / "base", "--overwrite", recipe=w.model_recipe),
+        "found the base model folder",
+    ),
     "adapter_as_out": (lambda w: w.merge(w.inputs / "adapters" / "math", "--overwrite"), "found the adapter 'math' folder"),
     "inside_adapter": (lambda w: w.merge(w.inputs / "adapters" / "code" / "merged"), "a path inside the adapter 'code'"),
     "holds_inputs": (lambda w: w.merge(w.inputs, "--overwrite"), "a folder that holds the base model"),
     "recipe_folder": (lambda w: w.merge(w.recipes, "--overwrite"), "a folder that holds the recipe file"),
     "recipe_file_as_out": (lambda w: w.merge(w.recipe, "--overwrite"), "found the recipe file"),
-    "symlink_to_base": (lambda w: w.merge(symlink_to(lambda w: w.inputs / "base")(w), "--overwrite"), "found the base model folder"),
+    "symlink_to_base": (
+        lambda w: w.merge(symlink_to(lambda w: w.inputs / "base")(w), "--overwrite"),
+        "found the base model folder",
+    ),
     "lock_recipe_into_its_output": (
         lambda w: w.merge(w.soupkit_output("prev"), "--overwrite", recipe=w.root / "prev" / "soupkit.lock.yaml"),
         "a folder that holds the recipe file",
@@ -159,19 +165,28 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "home": (lambda w: w.merge(w.home, "--overwrite"), "found the home folder"),
     "filesystem_root": (lambda w: w.merge("/"), "a name for a new output, found '/'"),
     # 2. --overwrite replaces only what soupkit wrote
-    "unrelated_folder": (lambda w: w.merge(folder_with({"notes.txt": "mine"})(w), "--overwrite"), "a folder soupkit did not write"),
-    "soupkit_output_plus_user_file": (lambda w: w.merge(output_with_user_file(w), "--overwrite"), "files soupkit did not write (keep.txt)"),
+    "unrelated_folder": (
+        lambda w: w.merge(folder_with({"notes.txt": "mine"})(w), "--overwrite"),
+        "a folder soupkit did not write",
+    ),
+    "soupkit_output_plus_user_file": (
+        lambda w: w.merge(output_with_user_file(w), "--overwrite"),
+        "files soupkit did not write (keep.txt)",
+    ),
     "fake_lock_name_only": (
         lambda w: w.merge(folder_with({"soupkit.lock.yaml": "hello: 1\n"})(w), "--overwrite"),
         "no soupkit.lock.yaml written by soupkit",
     ),
     "lock_header_but_not_soupkits": (
-        lambda w: w.merge(folder_with({"soupkit.lock.yaml": lock_text(w).split("\n")[0] + "\nbase_model: x\n"})(w), "--overwrite"),
+        lambda w: w.merge(
+            folder_with({"soupkit.lock.yaml": lock_text(w).split("\n")[0] + "\nbase_model: x\n"})(w), "--overwrite"
+        ),
         "whose soupkit.lock.yaml soupkit did not write",
     ),
     "out_is_user_file": (lambda w: w.merge(user_file(w), "--overwrite"), "found an existing file"),
     "symlinked_out_to_user_folder": (
-        lambda w: w.merge(symlink_to(folder_with({"a.txt": "mine"}))(w), "--overwrite"), "a folder soupkit did not write"
+        lambda w: w.merge(symlink_to(folder_with({"a.txt": "mine"}))(w), "--overwrite"),
+        "a folder soupkit did not write",
     ),
     "soupkit_output_without_overwrite": (lambda w: w.merge(w.soupkit_output("out")), "pass --overwrite"),
     # 6. bad output paths
@@ -184,18 +199,38 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "fit_out_is_recipe": (lambda w: w.fit("-o", str(w.recipe), "--overwrite"), "found the recipe file"),
     "fit_out_is_data": (lambda w: w.fit("-o", str(w.data), "--overwrite"), "found the data file"),
     "fit_out_inside_base": (lambda w: w.fit("-o", str(w.inputs / "base" / "fitted.yaml")), "a path inside the base model"),
-    "fit_report_is_adapter": (lambda w: w.fit("-o", str(w.root / "f.yaml"), "--report-dir", str(w.inputs / "adapters" / "math"), "--overwrite"), "found the adapter 'math' folder"),
-    "fit_report_holds_recipe": (lambda w: w.fit("-o", str(w.root / "f.yaml"), "--report-dir", str(w.recipes), "--overwrite"), "holds the recipe file"),
-    "fit_out_user_yaml": (lambda w: w.fit("-o", str(user_file(w, "mine.yaml")), "--overwrite"), "a file soupkit fit-alpha did not write"),
+    "fit_report_is_adapter": (
+        lambda w: w.fit("-o", str(w.root / "f.yaml"), "--report-dir", str(w.inputs / "adapters" / "math"), "--overwrite"),
+        "found the adapter 'math' folder",
+    ),
+    "fit_report_holds_recipe": (
+        lambda w: w.fit("-o", str(w.root / "f.yaml"), "--report-dir", str(w.recipes), "--overwrite"),
+        "holds the recipe file",
+    ),
+    "fit_out_user_yaml": (
+        lambda w: w.fit("-o", str(user_file(w, "mine.yaml")), "--overwrite"),
+        "a file soupkit fit-alpha did not write",
+    ),
     "fit_report_user_folder": (
-        lambda w: w.fit("-o", str(w.root / "f.yaml"), "--report-dir", str(folder_with({"fit_report.json": "{}"})(w)), "--overwrite"),
+        lambda w: w.fit(
+            "-o", str(w.root / "f.yaml"), "--report-dir", str(folder_with({"fit_report.json": "{}"})(w)), "--overwrite"
+        ),
         "a folder soupkit did not write",
     ),
-    "fit_outputs_overlap": (lambda w: w.fit("-o", str(w.root / "r" / "f.yaml"), "--report-dir", str(w.root / "r")), "a path inside it"),
+    "fit_outputs_overlap": (
+        lambda w: w.fit("-o", str(w.root / "r" / "f.yaml"), "--report-dir", str(w.root / "r")),
+        "a path inside it",
+    ),
     "fit_out_dotdot": (lambda w: w.fit("-o", ".."), "a name for a new output, found '..'"),
     # soupkit analyze's output folder
-    "analyze_into_adapter": (lambda w: w.analyze(w.inputs / "adapters" / "math", "--overwrite"), "found the adapter 'math' folder"),
-    "analyze_over_merge_output": (lambda w: w.analyze(w.soupkit_output("out"), "--overwrite"), "no analysis.json written by soupkit analyze"),
+    "analyze_into_adapter": (
+        lambda w: w.analyze(w.inputs / "adapters" / "math", "--overwrite"),
+        "found the adapter 'math' folder",
+    ),
+    "analyze_over_merge_output": (
+        lambda w: w.analyze(w.soupkit_output("out"), "--overwrite"),
+        "no analysis.json written by soupkit analyze",
+    ),
     "analyze_into_proc": (lambda w: w.analyze("/proc/analysis"), "a system folder (/proc)"),
 }
 
@@ -241,7 +276,9 @@ def test_symlinked_out_is_resolved_and_replaced_cleanly(tmp_path: Path, monkeypa
     monkeypatch.chdir(world.work)
     real = world.soupkit_output("real")
     (tmp_path / "link").symlink_to(real)
-    result = CliRunner().invoke(main, world.merge(tmp_path / "link", "--overwrite", recipe=world.write_recipe("linear.yaml", merge={"method": "linear"})))
+    result = CliRunner().invoke(
+        main, world.merge(tmp_path / "link", "--overwrite", recipe=world.write_recipe("linear.yaml", merge={"method": "linear"}))
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "link").is_symlink() and "method: linear" in (real / "soupkit.lock.yaml").read_text()
     assert [p.name for p in tmp_path.iterdir() if ".soupkit-" in p.name] == []
@@ -271,7 +308,9 @@ def test_analyze_replaces_its_own_output_only(tmp_path: Path, monkeypatch: pytes
     assert (out / "notes.txt").read_text() == "mine" and (out / "analysis.json").is_file()
 
 
-def test_empty_folder_is_replaced_and_created_parents_are_removed_on_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_empty_folder_is_replaced_and_created_parents_are_removed_on_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     world = World(tmp_path)
     monkeypatch.chdir(world.work)
     (tmp_path / "empty").mkdir()
@@ -383,7 +422,13 @@ def test_two_runs_into_one_out_one_wins_the_other_names_it(tmp_path: Path) -> No
         rounds.append({"args": world.merge(out), "go": str(tmp_path / f"go{i}"), "err": str(tmp_path / f"err{i}")})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(
-        [sys.executable, "-c", RACE_CHILD, json.dumps(rounds)], cwd=world.work, env=env, capture_output=True, text=True, timeout=90, check=False
+        [sys.executable, "-c", RACE_CHILD, json.dumps(rounds)],
+        cwd=world.work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
     )
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]  # (the winners print "wrote ...")
     assert done.returncode == 0 and len(results) == 3, done.stderr
@@ -468,7 +513,9 @@ def test_write_failure_at_any_point_of_export_exits_instead_of_hanging(tmp_path:
     failed = [line for line in done.stdout.splitlines() if line.startswith("failed-at")]
     total = int(done.stdout.split("tensors ")[1].split()[0])
     assert len(failed) == total >= 10, done.stdout  # every write position was tried, each stopped the run
-    assert done.returncode == 2 and done.stderr.splitlines() == [f"error: -o {out}: expected room to write the output, found No space left on device; free space there, or choose another -o"]
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"error: -o {out}: expected room to write the output, found No space left on device; free space there, or choose another -o"
+    ]
     assert time.time() - start < 60
     assert not out.exists() and leftovers(tmp_path) == []
 
@@ -489,7 +536,11 @@ def test_signal_during_publish_lets_the_renames_finish(tmp_path: Path, monkeypat
             os.kill(os.getpid(), signal.SIGTERM)  # arrives before the new output is renamed in
 
     monkeypatch.setattr(output_guard.os, "replace", replace_then_signal)
-    with pytest.raises(Interrupted) as stopped, output_guard.claim([target], True, "test"), output_guard.atomic_dir(target, True) as tmp:
+    with (
+        pytest.raises(Interrupted) as stopped,
+        output_guard.claim([target], True, "test"),
+        output_guard.atomic_dir(target, True) as tmp,
+    ):
         (tmp / "adapter_model.safetensors").write_bytes(b"new")
     assert stopped.value.published and stopped.value.exit_code == 143
     assert (out / "adapter_model.safetensors").read_bytes() == b"new"
@@ -498,7 +549,10 @@ def test_signal_during_publish_lets_the_renames_finish(tmp_path: Path, monkeypat
 
 HUB_CASES = {
     "hub_repo_folder": (lambda cache: cache / "models--tiny-org--base", "found the hub cache folder of the base model"),
-    "hub_blobs": (lambda cache: cache / "models--tiny-org--math" / "blobs" / "merged", "a path inside the hub cache folder of the adapter 'math'"),
+    "hub_blobs": (
+        lambda cache: cache / "models--tiny-org--math" / "blobs" / "merged",
+        "a path inside the hub cache folder of the adapter 'math'",
+    ),
     "hub_cache_root": (lambda cache: cache, "a folder that holds the hub cache folder of the base model"),
 }
 
@@ -514,7 +568,11 @@ def test_hub_inputs_count_as_their_cache_folders(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = tmp_path / "hub.yaml"
-    recipe.write_text(yaml.safe_dump({"base_model": "tiny-org/base", "adapters": [{"name": "math", "path": "tiny-org/math"}], "merge": {"method": "cat"}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {"base_model": "tiny-org/base", "adapters": [{"name": "math", "path": "tiny-org/math"}], "merge": {"method": "cat"}}
+        )
+    )
     out, expected = HUB_CASES[name]
     before = tree_state(tmp_path)
     result = CliRunner().invoke(main, ["merge", str(recipe), "-o", str(out(cache)), "--overwrite", "--quiet"])

@@ -211,8 +211,14 @@ def test_plain_delta_reader_equals_peft_merge_and_unload(tmp_path):
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(tiny_llama_config()).eval()
-    spec = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 2},
-                      alpha_pattern={"down_proj": 6}, init_lora_weights=False)
+    spec = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "down_proj"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"down_proj": 6},
+        init_lora_weights=False,
+    )
     get_peft_model(base, spec).save_pretrained(tmp_path / "a")
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(tiny_llama_config()).eval()  # unwrapped again (PEFT wrapped the first)
@@ -224,6 +230,8 @@ def test_plain_delta_reader_equals_peft_merge_and_unload(tmp_path):
     model = WorkingModel(base)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model.set_adapter(tmp_path / "a")
-    assert not torch.equal(base.state_dict()["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        base.state_dict()["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+    )
     model.reset()
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

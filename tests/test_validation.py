@@ -181,7 +181,9 @@ def test_finite_check_after_the_cast() -> None:
     check_finite_cast(ok.half(), ok, "t")  # 60000 fits float16 (max 65504)
     big = torch.tensor([1.0, -70000.0])
     check_finite_cast(big.bfloat16(), big, "t")  # bfloat16 has float32's range
-    with pytest.raises(SoupkitError, match=r"values up to 7e\+04 in magnitude, beyond float16's maximum 6.55e\+04; use dtype: bfloat16"):
+    with pytest.raises(
+        SoupkitError, match=r"values up to 7e\+04 in magnitude, beyond float16's maximum 6.55e\+04; use dtype: bfloat16"
+    ):
         check_finite_cast(big.half(), big, "t")
     nan = torch.tensor([1.0, float("nan")])
     with pytest.raises(SoupkitError, match="NaN or Inf before the cast"):
@@ -204,7 +206,9 @@ def test_fit_alpha_data_errors_come_before_the_model(tmp_path: Path, monkeypatch
     (tmp_path / "bad.jsonl").write_text('{"text": "hello"}\n{"prompt": "no completion"}\n')
     (tmp_path / "empty.jsonl").write_text("\n")
     recipe = write_recipe(tmp_path, tiny_recipe("cat"))
-    result = CliRunner().invoke(main, ["fit-alpha", str(recipe), "--data", str(tmp_path / data), "-o", str(tmp_path / "fitted.yaml")])
+    result = CliRunner().invoke(
+        main, ["fit-alpha", str(recipe), "--data", str(tmp_path / data), "-o", str(tmp_path / "fitted.yaml")]
+    )
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not (tmp_path / "fitted.yaml").exists()

@@ -10,8 +10,19 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-BASE_FIELDS = ("base", "hidden", "intermediate", "layers", "heads", "seq_len", "corpus_docs", "pretrain_steps",
-               "pretrain_batch", "pretrain_lr", "base_seed")
+BASE_FIELDS = (
+    "base",
+    "hidden",
+    "intermediate",
+    "layers",
+    "heads",
+    "seq_len",
+    "corpus_docs",
+    "pretrain_steps",
+    "pretrain_batch",
+    "pretrain_lr",
+    "base_seed",
+)
 
 
 @dataclass(frozen=True)
@@ -70,18 +81,48 @@ SMOLLM2 = Config()
 
 # The earlier attempt: a 21M character-level Llama pretrained here (see docs/experiment.md).
 TOY = replace(
-    SMOLLM2, base="toy", targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"), lora_steps=500,
-    lora_lr=5e-4, train_per_skill=4000, eval_math=200, eval_code=200, eval_composite=300, max_new=110, gen_batch=300,
+    SMOLLM2,
+    base="toy",
+    targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
+    lora_steps=500,
+    lora_lr=5e-4,
+    train_per_skill=4000,
+    eval_math=200,
+    eval_code=200,
+    eval_composite=300,
+    max_new=110,
+    gen_batch=300,
 )
 
 # Small enough that the whole pipeline runs on 2 CPU cores in a few minutes (CI and dry runs).
 _TINY = {
-    "lora_steps": 3, "lora_batch": 4, "train_per_skill": 100, "eval_math": 2, "eval_code": 2, "eval_composite": 2,
-    "val_composite": 2, "seeds": (0,), "gen_batch": 8, "max_new": 6, "lorahub_budget": 3, "fit_steps": 2,
-    "fit_batch": 2, "calib_k": (4, 16), "sweep_math": (0.0, 1.0), "sweep_code": (1.0,),
+    "lora_steps": 3,
+    "lora_batch": 4,
+    "train_per_skill": 100,
+    "eval_math": 2,
+    "eval_code": 2,
+    "eval_composite": 2,
+    "val_composite": 2,
+    "seeds": (0,),
+    "gen_batch": 8,
+    "max_new": 6,
+    "lorahub_budget": 3,
+    "fit_steps": 2,
+    "fit_batch": 2,
+    "calib_k": (4, 16),
+    "sweep_math": (0.0, 1.0),
+    "sweep_code": (1.0,),
 }
 SMOKE = replace(
-    TOY, hidden=32, intermediate=64, layers=2, heads=2, seq_len=128, corpus_docs=300, pretrain_steps=8,
-    pretrain_batch=8, **{**_TINY, "calib_k": (16,), "regimes": ("k=16 target",), "fixed_weights": ((1.0, 1.0),)},
+    TOY,
+    hidden=32,
+    intermediate=64,
+    layers=2,
+    heads=2,
+    seq_len=128,
+    corpus_docs=300,
+    pretrain_steps=8,
+    pretrain_batch=8,
+    **{**_TINY, "calib_k": (16,), "regimes": ("k=16 target",), "fixed_weights": ((1.0, 1.0),)},
 )
 SMOLLM2_TINY = replace(SMOLLM2, targets=("q_proj", "v_proj"), **{**_TINY, "max_new": 8})

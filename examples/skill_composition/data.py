@@ -189,7 +189,10 @@ def chat_math_example(rng: random.Random) -> Example:
 
 def chat_code_example(rng: random.Random) -> Example:
     start = rng.randint(100, 9999)
-    steps = [(op, rng.randint(2, 9) if op == "mul" else rng.randint(10, 999)) for op in rng.choices(["add", "sub", "mul"], k=rng.randint(1, 3))]
+    steps = [
+        (op, rng.randint(2, 9) if op == "mul" else rng.randint(10, 999))
+        for op in rng.choices(["add", "sub", "mul"], k=rng.randint(1, 3))
+    ]
     words = ", then ".join(WORD[op].format(n=n) for op, n in steps)
     prompt = f"Write a Python function solution() that starts with {start}, then {words}, and returns the result."
     return Example(prompt, program(start, steps).lstrip("\n"), evaluate_steps(start, steps), "code")

@@ -39,7 +39,9 @@ def evaluate_current(ctx, seed: int) -> tuple[dict, dict]:
         outs = outputs[at : at + len(examples[task])]
         at += len(outs)
         metrics.update(score(examples[task], outs, task))
-        samples[task] = [{"prompt": e.prompt[-100:], "output": o[:200], "answer": e.answer} for e, o in zip(examples[task][:3], outs)]
+        samples[task] = [
+            {"prompt": e.prompt[-100:], "output": o[:200], "answer": e.answer} for e, o in zip(examples[task][:3], outs)
+        ]
     return metrics, samples
 
 
@@ -78,8 +80,13 @@ def train_control(ctx, seed: int, row: Row) -> Path:
 
 def evaluate_row(ctx, seed: int, row: Row) -> dict:
     sdir = ctx.run_dir / f"seed{seed}"
-    entry: dict = {"name": row.name, "kind": row.kind, "method": row.method if row.kind in ("merge", "fit") else None,
-                   "regime": row.regime, "commands": []}
+    entry: dict = {
+        "name": row.name,
+        "kind": row.kind,
+        "method": row.method if row.kind in ("merge", "fit") else None,
+        "regime": row.regime,
+        "commands": [],
+    }
     try:
         adapter = None
         if row.kind == "adapter":

@@ -73,15 +73,32 @@ def rows(cfg: Config) -> list[Row]:
     for regime in regimes:
         first = 3 if regime in ("5% skill data", "k=16 target") else 4
         out += [
-            Row(f"cat fit softmax [{regime}]", "fit", skills, (0.5, 0.5), fit={"constraint": "softmax"}, regime=regime, priority=first),
+            Row(
+                f"cat fit softmax [{regime}]",
+                "fit",
+                skills,
+                (0.5, 0.5),
+                fit={"constraint": "softmax"},
+                regime=regime,
+                priority=first,
+            ),
             Row(f"cat fit free [{regime}]", "fit", skills, (0.5, 0.5), fit={"constraint": "free"}, regime=regime, priority=first),
             Row(f"control: fresh LoRA [{regime}]", "train", (), regime=regime, priority=first),
             Row(f"control: code LoRA trained further [{regime}]", "train", ("code",), regime=regime, priority=first),
-            Row(f"control: cat fit over random LoRAs [{regime}]", "fit", ("rand_a", "rand_b"), (0.5, 0.5),
-                fit={"constraint": "softmax"}, regime=regime, priority=first + 1),
+            Row(
+                f"control: cat fit over random LoRAs [{regime}]",
+                "fit",
+                ("rand_a", "rand_b"),
+                (0.5, 0.5),
+                fit={"constraint": "softmax"},
+                regime=regime,
+                priority=first + 1,
+            ),
         ]
         if regime == "k=16 target":
-            out.append(Row(f"lorahub [{regime}]", "fit", skills, (1.0, 1.0), fit={"search": "lorahub"}, regime=regime, priority=5))
+            out.append(
+                Row(f"lorahub [{regime}]", "fit", skills, (1.0, 1.0), fit={"search": "lorahub"}, regime=regime, priority=5)
+            )
     return out
 
 

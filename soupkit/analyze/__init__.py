@@ -15,7 +15,12 @@ __all__ = ["analyze_recipe", "analyze_to", "format_table"]
 
 
 def analyze_to(
-    recipe: Recipe, out: Path, dense: bool = False, base_norms: bool = True, overwrite: bool = False, recipe_file: Path | None = None
+    recipe: Recipe,
+    out: Path,
+    dense: bool = False,
+    base_norms: bool = True,
+    overwrite: bool = False,
+    recipe_file: Path | None = None,
 ) -> dict:
     """Analyse ``recipe`` and write ``out``/analysis.json, ``out``/table.md and one PNG per statistic.
 

@@ -13,7 +13,11 @@ PER_PAIR = {
     "col_overlap": "column spaces: mean cos^2 of principal angles",
     "row_overlap": "row spaces: mean cos^2 of principal angles",
 }
-PER_MODULE = {"cat_rank": "rank written by cat (sum r_i)", "core_rank": "core-space rank", "sign_conflict": "TIES sign-conflict fraction"}
+PER_MODULE = {
+    "cat_rank": "rank written by cat (sum r_i)",
+    "core_rank": "core-space rank",
+    "sign_conflict": "TIES sign-conflict fraction",
+}
 
 
 def _num(x: float, digits: int = 3) -> str:
@@ -86,7 +90,9 @@ def write_heatmaps(result: dict, out: Path) -> list[Path]:
         values = [v for _, value in panels for r in records for v in [value(r)] if v is not None and not math.isnan(v)]
         if not values or not any(r["layer"] is not None for r in records):
             continue  # nothing to draw (e.g. sign conflicts with one adapter)
-        fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 2.6 * len(panels), 1.6 + 0.22 * len({r["layer"] for r in records})), squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(2.2 + 2.6 * len(panels), 1.6 + 0.22 * len({r["layer"] for r in records})), squeeze=False
+        )
         for ax, (label, value) in zip(axes[0], panels, strict=True):
             layers, leaves, matrix = grid(records, value)
             image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")

@@ -28,7 +28,12 @@ PAIR_STATS = ("cosine", "col_overlap", "col_max_cos", "row_overlap", "row_max_co
 
 
 def module_record(
-    module: ModulePlan, names: tuple[str, ...], factors: list[LoraFactors], weights: list[float], dense_density: float | None, dense: bool
+    module: ModulePlan,
+    names: tuple[str, ...],
+    factors: list[LoraFactors],
+    weights: list[float],
+    dense_density: float | None,
+    dense: bool,
 ) -> dict:
     """Statistics of one module (see ``soupkit.analyze.stats`` for the formulas)."""
     grams = Grams.of([f.B for f in factors], [f.A for f in factors])
@@ -84,7 +89,12 @@ def summarise(label: str | int, records: list[dict], names: list[str]) -> dict:
     pairs = []
     for a, b in combinations(names, 2):
         mine = [p for r in records for p in r["pairs"] if p["pair"] == [a, b]]
-        dot = sum(p["cosine"] * r["norm"][a] * r["norm"][b] for r in records for p in r["pairs"] if p["pair"] == [a, b] and not math.isnan(p["cosine"]))
+        dot = sum(
+            p["cosine"] * r["norm"][a] * r["norm"][b]
+            for r in records
+            for p in r["pairs"]
+            if p["pair"] == [a, b] and not math.isnan(p["cosine"])
+        )
         denom = math.sqrt(sq[a] * sq[b])
         entry = {"pair": [a, b], "cosine": dot / denom if denom > 0 else float("nan")}
         entry.update({k: _mean([p[k] for p in mine]) for k in PAIR_STATS if k != "cosine"})

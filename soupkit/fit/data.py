@@ -50,7 +50,9 @@ def read_records(source: str, where: str) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise SoupkitError(f"{path}:{i}", "one JSON object per line", f"invalid JSON ({err.msg})", "fix that line") from None
+                raise SoupkitError(
+                    f"{path}:{i}", "one JSON object per line", f"invalid JSON ({err.msg})", "fix that line"
+                ) from None
             if not isinstance(record, dict):
                 raise SoupkitError(f"{path}:{i}", "a JSON object", type(record).__name__, "write one object per line")
             records.append(record)
@@ -79,12 +81,16 @@ def _hub_records(name: str, where: str) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise SoupkitError(where, "an existing .jsonl file", f"'{name}' (no such file; `datasets` is not installed)", "check the path") from None
+        raise SoupkitError(
+            where, "an existing .jsonl file", f"'{name}' (no such file; `datasets` is not installed)", "check the path"
+        ) from None
     dataset, _, split = name.partition(":")
     try:
         return [dict(r) for r in datasets.load_dataset(dataset, split=split or "train")]
     except Exception as err:  # noqa: BLE001 -- datasets raises many types; the user only needs to know it failed and why
-        raise SoupkitError(where, "a .jsonl file or a loadable dataset", f"'{name}' ({type(err).__name__}: {err})", "check the name") from None
+        raise SoupkitError(
+            where, "a .jsonl file or a loadable dataset", f"'{name}' ({type(err).__name__}: {err})", "check the name"
+        ) from None
 
 
 def check_record_shapes(records: list[dict], where: str) -> None:
@@ -92,11 +98,21 @@ def check_record_shapes(records: list[dict], where: str) -> None:
     for i, record in enumerate(records):
         if not ("messages" in record or ("prompt" in record and "completion" in record) or "text" in record):
             keys = ", ".join(sorted(record))[:80]
-            raise SoupkitError(f"{where} record {i}", "a 'text', 'prompt'+'completion' or 'messages' field", f"keys [{keys}]", "use one of these formats")
+            raise SoupkitError(
+                f"{where} record {i}",
+                "a 'text', 'prompt'+'completion' or 'messages' field",
+                f"keys [{keys}]",
+                "use one of these formats",
+            )
         if "messages" in record:
             messages = record["messages"]
             if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-                raise SoupkitError(f"{where} record {i}", "'messages' as a non-empty list of {role, content}", repr(messages)[:60], "fix the record")
+                raise SoupkitError(
+                    f"{where} record {i}",
+                    "'messages' as a non-empty list of {role, content}",
+                    repr(messages)[:60],
+                    "fix the record",
+                )
 
 
 def tokenize_record(record: dict, tokenizer: Any, seq_len: int, where: str) -> Example:
@@ -111,7 +127,9 @@ def tokenize_record(record: dict, tokenizer: Any, seq_len: int, where: str) -> E
     elif "text" in record:
         full_ids, n_prompt = tokenizer(str(record["text"]))["input_ids"], 0
     else:
-        raise SoupkitError(where, "a 'text', 'prompt'+'completion' or 'messages' field", f"keys {sorted(record)}", "use one of these formats")
+        raise SoupkitError(
+            where, "a 'text', 'prompt'+'completion' or 'messages' field", f"keys {sorted(record)}", "use one of these formats"
+        )
     ids = list(full_ids)[:seq_len]
     labels = [IGNORE if i < n_prompt else t for i, t in enumerate(ids)]
     return Example(ids, labels)
@@ -121,11 +139,18 @@ def _chat_ids(messages: Any, tokenizer: Any, where: str) -> tuple[list[int], lis
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise SoupkitError(where, "'messages' as a non-empty list of {role, content}", repr(messages)[:60], "fix the record")
     if not getattr(tokenizer, "chat_template", None):
-        raise SoupkitError(where, "a tokenizer with a chat template", "none in the base model", "use 'text' or 'prompt'+'completion' records")
+        raise SoupkitError(
+            where, "a tokenizer with a chat template", "none in the base model", "use 'text' or 'prompt'+'completion' records"
+        )
     full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=False)
     if list(full[: len(prompt)]) != list(prompt):  # the template re-renders earlier turns: cannot split safely
-        raise SoupkitError(where, "a chat template whose prompt is a prefix of the full chat", "a template that is not", "use 'prompt'+'completion' records")
+        raise SoupkitError(
+            where,
+            "a chat template whose prompt is a prefix of the full chat",
+            "a template that is not",
+            "use 'prompt'+'completion' records",
+        )
     return list(prompt), list(full)
 
 
@@ -156,7 +181,9 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 def split_heldout(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """A seeded split into (train, held-out); held-out gets at least one example, train keeps one."""
     if len(examples) < 2:
-        raise SoupkitError("--data", "at least 2 examples (or --eval-data)", f"{len(examples)}", "add examples or pass --eval-data")
+        raise SoupkitError(
+            "--data", "at least 2 examples (or --eval-data)", f"{len(examples)}", "add examples or pass --eval-data"
+        )
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     n_eval = min(max(1, round(fraction * len(examples))), len(examples) - 1)
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]

@@ -146,7 +146,9 @@ class CatFitModel(nn.Module):
         """
         if self.constraint == "softmax":
             if bool((weights[self.mask] <= 0).any()):
-                raise SoupkitError("--init recipe", "positive recipe weights with --constraint softmax", "a weight <= 0", "use --constraint free")
+                raise SoupkitError(
+                    "--init recipe", "positive recipe weights with --constraint softmax", "a weight <= 0", "use --constraint free"
+                )
             values = torch.where(self.mask, weights.clamp_min(1e-30).log(), torch.zeros_like(weights))
         else:
             values = torch.where(self.mask, weights, torch.zeros_like(weights))
@@ -156,7 +158,10 @@ class CatFitModel(nn.Module):
             for a in torch.nonzero(self.mask[m]).flatten().tolist():
                 if seen[g, a] and not torch.isclose(logits[g, a], values[m, a]):
                     raise SoupkitError(
-                        "--init recipe", "recipe weights equal within each shared group", "weights that differ", "use --granularity module"
+                        "--init recipe",
+                        "recipe weights equal within each shared group",
+                        "weights that differ",
+                        "use --granularity module",
                     )
                 logits[g, a], seen[g, a] = values[m, a], True
         return logits
@@ -170,7 +175,9 @@ class CatFitModel(nn.Module):
         self._w_rank = self.weights().flatten()[self.rank_index]
         return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over label tokens (float32 or wider scalar) and their count."""
         logits = self.lm_logits(input_ids, attention_mask)
         targets = labels[:, 1:]
@@ -187,7 +194,12 @@ class CatFitModel(nn.Module):
             parent_name, _, leaf = target.path.rpartition(".")
             parent, linear = self.base.get_submodule(parent_name), self.base.get_submodule(target.path)
             if not isinstance(linear, nn.Linear):
-                raise SoupkitError(target.path, "an nn.Linear in the loaded base", type(linear).__name__, "fit-alpha supports Linear targets only")
+                raise SoupkitError(
+                    target.path,
+                    "an nn.Linear in the loaded base",
+                    type(linear).__name__,
+                    "fit-alpha supports Linear targets only",
+                )
             self._originals[target.path] = linear
             setattr(parent, leaf, CatLinear(linear, path, self._w_rank_of(path)))
 
@@ -207,12 +219,21 @@ def fit_targets(recipe: Recipe) -> tuple[list[TargetModule], torch.Tensor, Any]:
     from soupkit.execute import plan_recipe
 
     if recipe.merge.method != "cat":
-        raise SoupkitError("merge.method", "cat (fit-alpha learns CAT's weights)", repr(recipe.merge.method), "set merge.method: cat")
+        raise SoupkitError(
+            "merge.method", "cat (fit-alpha learns CAT's weights)", repr(recipe.merge.method), "set merge.method: cat"
+        )
     plan, inputs = plan_recipe(recipe)
     if plan.fan_in_fan_out or any(m.kind != "linear" for m in plan.modules if m.sources):
-        raise SoupkitError("adapters", "LoRA on nn.Linear modules", "embedding or Conv1D (fan_in_fan_out) LoRA", "fit-alpha supports Linear targets only")
+        raise SoupkitError(
+            "adapters",
+            "LoRA on nn.Linear modules",
+            "embedding or Conv1D (fan_in_fan_out) LoRA",
+            "fit-alpha supports Linear targets only",
+        )
     modules = [m for m in plan.modules if m.sources]
-    targets = [TargetModule(m.path, m.layer, tuple(s.adapter for s in m.sources), tuple(s.rank for s in m.sources)) for m in modules]
+    targets = [
+        TargetModule(m.path, m.layer, tuple(s.adapter for s in m.sources), tuple(s.rank for s in m.sources)) for m in modules
+    ]
     recipe_weights = torch.zeros(len(modules), len(recipe.adapters))
     for i, m in enumerate(modules):
         for s in m.sources:
@@ -220,7 +241,9 @@ def fit_targets(recipe: Recipe) -> tuple[list[TargetModule], torch.Tensor, Any]:
     return targets, recipe_weights, inputs
 
 
-def load_factors(inputs: Any, target: TargetModule, device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+def load_factors(
+    inputs: Any, target: TargetModule, device: torch.device | str = "cpu"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One target's (A_i, B_i) per adapter present, float32, scale folded into B."""
     pairs = []
     for a in target.adapters:

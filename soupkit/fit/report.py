@@ -24,7 +24,9 @@ def weights_by_module(weights: torch.Tensor, targets: list[TargetModule], names:
     return {t.path: {names[a]: float(weights[m, a]) for a in t.adapters} for m, t in enumerate(targets)}
 
 
-def write_report(directory: Path, report: dict[str, Any], weights: torch.Tensor, targets: list[TargetModule], names: list[str]) -> list[Path]:
+def write_report(
+    directory: Path, report: dict[str, Any], weights: torch.Tensor, targets: list[TargetModule], names: list[str]
+) -> list[Path]:
     """Write fit_report.json and the two PNGs into ``directory``; return the paths written."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / REPORT_NAME
@@ -35,7 +37,9 @@ def write_report(directory: Path, report: dict[str, Any], weights: torch.Tensor,
     return [path, heatmap, curve]
 
 
-def weight_grid(weights: torch.Tensor, targets: list[TargetModule], adapter: int) -> tuple[list[str], list[str], list[list[float]]]:
+def weight_grid(
+    weights: torch.Tensor, targets: list[TargetModule], adapter: int
+) -> tuple[list[str], list[str], list[list[float]]]:
     """Rows (layers), columns (module leaf names, first-seen order) and cell values (NaN if absent)."""
     rows = sorted({t.layer for t in targets if t.layer is not None})
     row_labels = [str(r) for r in rows] + (["other"] if any(t.layer is None for t in targets) else [])
@@ -74,7 +78,9 @@ def plot_weights(weights: torch.Tensor, targets: list[TargetModule], names: list
         if len(rows) * len(cols) <= 64:  # small grids: print the numbers too
             for (r, c), v in np.ndenumerate(values[a]):
                 if not np.isnan(v):
-                    ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < (lo + hi) / 2 else "black")
+                    ax.text(
+                        c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < (lo + hi) / 2 else "black"
+                    )
     fig.colorbar(image, ax=axes[0].tolist(), label="weight", shrink=0.9)
     fig.suptitle(f"fitted CAT weights ({constraint}); grey: adapter absent", y=1.06)
     fig.savefig(out, dpi=120, bbox_inches="tight")

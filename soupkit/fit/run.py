@@ -54,7 +54,13 @@ def default_paths(recipe_path: Path, out: Path | None, report_dir: Path | None) 
 
 
 def run_fit_alpha(
-    recipe_path: Path, data: str, eval_data: str | None, out: Path | None, report_dir: Path | None, options: FitOptions, overwrite: bool = False
+    recipe_path: Path,
+    data: str,
+    eval_data: str | None,
+    out: Path | None,
+    report_dir: Path | None,
+    options: FitOptions,
+    overwrite: bool = False,
 ) -> FitOutcome:
     """Fit the CAT weights of ``recipe_path`` on ``data`` and write the fitted recipe and report.
 
@@ -64,9 +70,13 @@ def run_fit_alpha(
     out, report_dir = default_paths(recipe_path, out, report_dir)
     targets = fit_output_targets(recipe_path, recipe, [data, eval_data], out, report_dir, overwrite)
     if options.search == "lorahub" and options.init == "recipe":
-        raise SoupkitError("--init", "uniform with --search lorahub (LoraHub starts every weight at 0)", "recipe", "drop --init recipe")
+        raise SoupkitError(
+            "--init", "uniform with --search lorahub (LoraHub starts every weight at 0)", "recipe", "drop --init recipe"
+        )
     if recipe.merge.method != "cat":
-        raise SoupkitError("merge.method", "cat (fit-alpha learns CAT's weights)", repr(recipe.merge.method), "set merge.method: cat")
+        raise SoupkitError(
+            "merge.method", "cat (fit-alpha learns CAT's weights)", repr(recipe.merge.method), "set merge.method: cat"
+        )
     # Data first: a typo in --data fails before transformers is even imported, and bad records before the
     # base model loads (the tokenizer loads in seconds; a 70B base in minutes).
     train_records = read_records(data, "--data")
@@ -82,7 +92,9 @@ def run_fit_alpha(
         train_set, eval_set = split_heldout(train_set, options.heldout_fraction, options.seed)
     accelerator = make_accelerator(options)
     options = resolve_sharding(options, accelerator)
-    with claim(targets, overwrite, "soupkit fit-alpha") if accelerator.is_main_process else nullcontext():  # one writer per output
+    with (
+        claim(targets, overwrite, "soupkit fit-alpha") if accelerator.is_main_process else nullcontext()
+    ):  # one writer per output
         model, recipe_weights = load_fit_model(recipe, options, accelerator)
         state = fit(accelerator, model, recipe_weights, train_set, eval_set, pad_id, options)
         return write_fitted(recipe_path, recipe, state, model, targets, options, overwrite, accelerator)
@@ -95,7 +107,10 @@ def fit_output_targets(
     targets = [resolve_output(out, "-o", "fitted-recipe"), resolve_output(report_dir, "--report-dir", "fit-report")]
     check_disjoint(targets)
     folders = [("base model", resolve_reference(recipe.base_model, recipe.root, "base_model", "base+tokenizer"))]
-    folders += [(f"adapter '{a.name}'", resolve_reference(a.path, recipe.root, f"adapters.{i}.path")) for i, a in enumerate(recipe.adapters)]
+    folders += [
+        (f"adapter '{a.name}'", resolve_reference(a.path, recipe.root, f"adapters.{i}.path"))
+        for i, a in enumerate(recipe.adapters)
+    ]
     files = [("recipe file", recipe_path)] + [("data file", Path(d)) for d in data if d and Path(d).expanduser().exists()]
     for target in targets:
         check_apart(target, folders, files)
@@ -104,7 +119,13 @@ def fit_output_targets(
 
 
 def write_fitted(
-    recipe_path: Path, recipe: Recipe, state: FitState, model: CatFitModel, targets: list[OutputTarget], options: FitOptions, overwrite: bool,
+    recipe_path: Path,
+    recipe: Recipe,
+    state: FitState,
+    model: CatFitModel,
+    targets: list[OutputTarget],
+    options: FitOptions,
+    overwrite: bool,
     accelerator: Any,
 ) -> FitOutcome:
     """(Main process) publish the report folder and the fitted recipe, each atomically."""
@@ -130,12 +151,19 @@ def resolve_sharding(options: FitOptions, accelerator: Any) -> FitOptions:
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     fsdp_config = accelerator.distributed_type == DistributedType.FSDP
     if fsdp_config and getattr(plugin, "fsdp_version", 2) != 2:
-        raise SoupkitError("accelerate config", "fsdp_version: 2 (fit-alpha shards with FSDP2)", f"fsdp_version: {plugin.fsdp_version}", "set fsdp_version: 2")
+        raise SoupkitError(
+            "accelerate config",
+            "fsdp_version: 2 (fit-alpha shards with FSDP2)",
+            f"fsdp_version: {plugin.fsdp_version}",
+            "set fsdp_version: 2",
+        )
     checkpointing = options.checkpointing or bool(fsdp_config and getattr(plugin, "activation_checkpointing", False))
     shard = options.shard or fsdp_config
     if shard and not torch.distributed.is_initialized():
         raise SoupkitError(
-            "--shard", "a run started by a launcher (accelerate launch, torchrun)", "a plain single process",
+            "--shard",
+            "a run started by a launcher (accelerate launch, torchrun)",
+            "a plain single process",
             "run: accelerate launch --config_file examples/fsdp/accelerate_fsdp2.yaml -m soupkit fit-alpha ..., or drop --shard",
         )
     return replace(options, shard=shard, checkpointing=checkpointing)
@@ -172,7 +200,13 @@ def uniform_logits(model: CatFitModel) -> torch.Tensor:
 
 
 def fit(
-    accelerator: Any, model: CatFitModel, recipe_weights: torch.Tensor, train_set: list, eval_set: list, pad_id: int, options: FitOptions
+    accelerator: Any,
+    model: CatFitModel,
+    recipe_weights: torch.Tensor,
+    train_set: list,
+    eval_set: list,
+    pad_id: int,
+    options: FitOptions,
 ) -> FitState:
     """Reference losses, then the search; returns the fitted weights (M, n) and everything measured."""
     from soupkit.fit.lorahub import lorahub_search
@@ -180,7 +214,9 @@ def fit(
     with torch.no_grad():
         model.logits.copy_(uniform_logits(model))
         uniform = model.weights().detach().clone()
-        model.logits.copy_(model.logits_for(recipe_weights.to(model.logits.device)) if options.init == "recipe" else uniform_logits(model))
+        model.logits.copy_(
+            model.logits_for(recipe_weights.to(model.logits.device)) if options.init == "recipe" else uniform_logits(model)
+        )
     optimizer = torch.optim.Adam([model.logits], lr=options.lr)  # the logits alone: replicated, never sharded
     if options.shard:  # already sharded by shard.py; accelerate's own FSDP wrapping would shard the logits too
         prepared = with_autocast(model, accelerator)
@@ -195,7 +231,14 @@ def fit(
     if options.search == "lorahub":
         handful = [train_set[i] for i in torch.randperm(len(train_set), generator=torch.Generator().manual_seed(options.seed))]
         best, curve = lorahub_search(
-            accelerator, prepared, handful[: options.lorahub_examples], pad_id, options.budget, options.l1, options.batch_size, options.seed
+            accelerator,
+            prepared,
+            handful[: options.lorahub_examples],
+            pad_id,
+            options.budget,
+            options.l1,
+            options.batch_size,
+            options.seed,
         )
         fixed = best.to(model.logits.device).expand(len(model.targets), -1).clone()
         state = FitState(weights=fixed, heldout={}, curve=curve, steps=len(curve), num_processes=accelerator.num_processes)
@@ -208,7 +251,11 @@ def fit(
     state.heldout = {**heldout, **state.heldout}
     state.device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu"
     state.peak_memory_bytes = torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda" else None
-    state.extra = {"train_examples": len(train_set), "heldout_examples": len(eval_set), "peak_host_rss_bytes": peak_host_rss(accelerator)}
+    state.extra = {
+        "train_examples": len(train_set),
+        "heldout_examples": len(eval_set),
+        "peak_host_rss_bytes": peak_host_rss(accelerator),
+    }
     return state
 
 

@@ -41,7 +41,12 @@ def transformer_blocks(base: nn.Module) -> list[nn.Module]:
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [m for m in base.modules() if type(m).__name__ in names]
     if not blocks:
-        raise SoupkitError("base_model", "a transformers model that names its blocks (_no_split_modules)", type(base).__name__, "fit without --shard")
+        raise SoupkitError(
+            "base_model",
+            "a transformers model that names its blocks (_no_split_modules)",
+            type(base).__name__,
+            "fit without --shard",
+        )
     return blocks
 
 
@@ -145,9 +150,16 @@ def fill_from_checkpoint(model: CatFitModel, inputs: Any) -> None:
         else:
             key = checkpoint_key(name, set(row_of))
             if key not in index:
-                raise SoupkitError(where, f"a tensor {key} (--shard reads tensors by the model's own names)", "none", "fit without --shard")
+                raise SoupkitError(
+                    where, f"a tensor {key} (--shard reads tensors by the model's own names)", "none", "fit without --shard"
+                )
             if tuple(index.infos[key].shape) != tuple(param.shape):
-                raise SoupkitError(f"{where}: {key}", f"shape {tuple(param.shape)}", f"{index.infos[key].shape}", "check base_model's config.json")
+                raise SoupkitError(
+                    f"{where}: {key}",
+                    f"shape {tuple(param.shape)}",
+                    f"{index.infos[key].shape}",
+                    "check base_model's config.json",
+                )
             rows = index.get_rows(key, start, stop)
         local.copy_(rows.to(local.dtype))
 
@@ -163,7 +175,9 @@ def module_buffers(module: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Te
 def meta_factor_pair(linear: nn.Module, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Shape-only (A (r, d_in), B (d_out, r)) for one adapter of ``linear``: filled after sharding."""
     if not isinstance(linear, nn.Linear):
-        raise SoupkitError(str(linear), "an nn.Linear in the base", type(linear).__name__, "fit-alpha supports Linear targets only")
+        raise SoupkitError(
+            str(linear), "an nn.Linear in the base", type(linear).__name__, "fit-alpha supports Linear targets only"
+        )
     return torch.empty(rank, linear.in_features, device="meta"), torch.empty(linear.out_features, rank, device="meta")
 
 
@@ -185,7 +199,9 @@ def materialise_sharded(model: CatFitModel, device: torch.device, checkpointing:
     return model
 
 
-def meta_fit_model(config: Any, targets: list, n_adapters: int, granularity: Granularity, constraint: Constraint, dtype: torch.dtype) -> CatFitModel:
+def meta_fit_model(
+    config: Any, targets: list, n_adapters: int, granularity: Granularity, constraint: Constraint, dtype: torch.dtype
+) -> CatFitModel:
     """A fit model whose base weights and factors are on the meta device (no memory); buffers real."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -198,7 +214,12 @@ def meta_fit_model(config: Any, targets: list, n_adapters: int, granularity: Gra
 
 
 def build_sharded_fit_model(
-    recipe: Recipe, granularity: Granularity, constraint: Constraint, device: torch.device, dtype: torch.dtype, checkpointing: bool
+    recipe: Recipe,
+    granularity: Granularity,
+    constraint: Constraint,
+    device: torch.device,
+    dtype: torch.dtype,
+    checkpointing: bool,
 ) -> tuple[CatFitModel, torch.Tensor]:
     """The fit model built on the meta device, sharded over all processes, then filled per rank
     from the safetensors files (each rank reads its own rows only).

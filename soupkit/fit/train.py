@@ -136,7 +136,13 @@ def with_weights(accelerator: Any, model: Any, weights: torch.Tensor, examples: 
 
 
 def train(
-    accelerator: Any, model: Any, optimizer: torch.optim.Optimizer, train_set: list[Example], eval_set: list[Example], pad_id: int, options: FitOptions
+    accelerator: Any,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    train_set: list[Example],
+    eval_set: list[Example],
+    pad_id: int,
+    options: FitOptions,
 ) -> FitState:
     """Adam on the logits with early stopping on held-out loss; returns the best weights seen."""
     core: CatFitModel = accelerator.unwrap_model(model)
@@ -173,8 +179,16 @@ def train(
 
 
 def _one_step(
-    accelerator: Any, model: Any, optimizer: torch.optim.Optimizer, stream: Iterator[int], train_set: list[Example],
-    pad_id: int, options: FitOptions, world: int, rank: int, tokens: torch.Tensor,
+    accelerator: Any,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    stream: Iterator[int],
+    train_set: list[Example],
+    pad_id: int,
+    options: FitOptions,
+    world: int,
+    rank: int,
+    tokens: torch.Tensor,
 ) -> float:
     """One optimizer step over one global batch; returns the global per-token training loss."""
     micro = options.batch_size

@@ -136,7 +136,9 @@ def _check_config_types(where: str, config: object) -> None:
         raise AdapterError(f"{where}: lora_alpha", "a number", repr(config["lora_alpha"]), "fix lora_alpha")
     for field in ("rank_pattern", "alpha_pattern"):
         patterns = config.get(field) or {}
-        if not isinstance(patterns, dict) or not all(isinstance(v, number) and not isinstance(v, bool) for v in patterns.values()):
+        if not isinstance(patterns, dict) or not all(
+            isinstance(v, number) and not isinstance(v, bool) for v in patterns.values()
+        ):
             raise AdapterError(f"{where}: {field}", "a mapping of module pattern -> number", repr(patterns)[:80], f"fix {field}")
         for key in patterns:
             try:
@@ -162,7 +164,10 @@ def _refuse_features(name: str, config: dict) -> None:
             )
     if config.get("bias", "none") != "none":
         raise UnsupportedAdapterError(
-            where, "bias: none", f"bias: {config['bias']!r} (the adapter also trains base biases)", "retrain with bias='none' or merge it with PEFT"
+            where,
+            "bias: none",
+            f"bias: {config['bias']!r} (the adapter also trains base biases)",
+            "retrain with bias='none' or merge it with PEFT",
         )
     init = str(config.get("init_lora_weights", True)).lower()
     if init.startswith(BASE_CHANGING_INITS):
@@ -227,7 +232,10 @@ class LoraAdapter:
         for path, key in self.base_layer_copies.items():
             if path not in parts:
                 raise UnsupportedAdapterError(
-                    f"adapter '{self.name}' tensor {key}", "a base-layer copy beside a LoRA", "a full module copy without LoRA", "remove it"
+                    f"adapter '{self.name}' tensor {key}",
+                    "a base-layer copy beside a LoRA",
+                    "a full module copy without LoRA",
+                    "remove it",
                 )
         for path in sorted(parts):
             if not peft_targets(self.config, path):
@@ -248,18 +256,27 @@ class LoraAdapter:
         for key, info in ((keys["A"], a_info), (keys["B"], b_info)):
             if info.dtype not in FLOAT_TAGS:
                 raise UnsupportedAdapterError(
-                    f"adapter '{self.name}' tensor {key}", "a float tensor (F16, BF16, F32, F64)", info.dtype, "dequantise the adapter first"
+                    f"adapter '{self.name}' tensor {key}",
+                    "a float tensor (F16, BF16, F32, F64)",
+                    info.dtype,
+                    "dequantise the adapter first",
                 )
         if len(a_shape) != 2 or len(b_shape) != 2:
-            raise UnsupportedAdapterError(where, "2-D factors (Linear or Embedding)", f"shapes {a_shape}, {b_shape}", "conv LoRAs are not supported")
+            raise UnsupportedAdapterError(
+                where, "2-D factors (Linear or Embedding)", f"shapes {a_shape}, {b_shape}", "conv LoRAs are not supported"
+            )
         rank = a_shape[0]
         if rank == 0:
-            raise AdapterError(where, "rank >= 1", f"rank 0 (A of shape {a_shape})", "drop the module from the adapter or re-save it")
+            raise AdapterError(
+                where, "rank >= 1", f"rank 0 (A of shape {a_shape})", "drop the module from the adapter or re-save it"
+            )
         if b_shape[1] != rank:
             raise AdapterError(where, f"B of shape (d_out, {rank})", f"{b_shape}", "re-save the adapter")
         config_rank = pattern_value(self.config.get("rank_pattern") or {}, path, self.config.get("r", rank))
         if int(config_rank) != rank:
-            raise AdapterError(where, f"rank {int(config_rank)} (from adapter_config.json)", f"tensors of rank {rank}", "fix r / rank_pattern")
+            raise AdapterError(
+                where, f"rank {int(config_rank)} (from adapter_config.json)", f"tensors of rank {rank}", "fix r / rank_pattern"
+            )
         alpha = pattern_value(self.config.get("alpha_pattern") or {}, path, self.config.get("lora_alpha", rank))
         scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
         return ModuleSpec(path, kind, keys["A"], keys["B"], rank, a_shape[1], b_shape[0], float(scale))  # type: ignore[arg-type]
@@ -272,7 +289,12 @@ class LoraAdapter:
         for key, tensor in ((spec.a_key, A), (spec.b_key, B)):
             if not all_finite(tensor):
                 bad = int((~torch.isfinite(tensor)).sum())
-                raise AdapterError(f"adapter '{self.name}' tensor {key}", "finite values", f"{bad} NaN or Inf entries", "retrain or repair the adapter")
+                raise AdapterError(
+                    f"adapter '{self.name}' tensor {key}",
+                    "finite values",
+                    f"{bad} NaN or Inf entries",
+                    "retrain or repair the adapter",
+                )
         return LoraFactors(A=A, B=B)
 
     def _read(self, key: str) -> torch.Tensor:
@@ -281,7 +303,12 @@ class LoraAdapter:
             return self.index.get(key)
         except (SafetensorError, OSError) as err:  # a corrupt file or an I/O error; anything else is a bug and raises
             file = self.index.infos[key].file
-            raise AdapterError(f"adapter '{self.name}' tensor {key}", f"a readable tensor in {file}", f"{type(err).__name__}: {err}"[:200], "re-download or re-save the file") from None
+            raise AdapterError(
+                f"adapter '{self.name}' tensor {key}",
+                f"a readable tensor in {file}",
+                f"{type(err).__name__}: {err}"[:200],
+                "re-download or re-save the file",
+            ) from None
 
     def base_model_name(self) -> str | None:
         """The last component of ``base_model_name_or_path`` (hub repo name or directory name), lower-cased.

@@ -36,13 +36,18 @@ class BaseModelInfo:
         try:
             self.config: dict = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SoupkitError(str(config_path), "valid JSON", f"a parse error ({getattr(err, 'msg', err)})", "fix or re-download the file") from None
+            raise SoupkitError(
+                str(config_path), "valid JSON", f"a parse error ({getattr(err, 'msg', err)})", "fix or re-download the file"
+            ) from None
         if not isinstance(self.config, dict):
             raise SoupkitError(str(config_path), "a JSON object", type(self.config).__name__, "fix or re-download the file")
         index = TensorIndex.from_dir(directory, "model")
         if index is None:
             raise SoupkitError(
-                "base_model", f"model.safetensors (or an index) in {directory}", "no safetensors weights", "save the base with safe_serialization=True"
+                "base_model",
+                f"model.safetensors (or an index) in {directory}",
+                "no safetensors weights",
+                "save the base with safe_serialization=True",
             )
         self.index = index
         layers = {layer_of(k) for k in index.keys()} - {None}
@@ -61,9 +66,16 @@ class BaseModelInfo:
         key = self.weight_key(spec.path)
         where = f"adapter '{adapter.name}' tensor {spec.a_key}"
         if key is None:
-            tied = " (lm_head tied to the input embeddings is not stored separately, so soupkit cannot target it)" if spec.path.endswith("lm_head") else ""
+            tied = (
+                " (lm_head tied to the input embeddings is not stored separately, so soupkit cannot target it)"
+                if spec.path.endswith("lm_head")
+                else ""
+            )
             raise AdapterError(
-                where, f"a base tensor {spec.path}.weight", f"none in the base model{tied}", "check that the adapter was trained on this base"
+                where,
+                f"a base tensor {spec.path}.weight",
+                f"none in the base model{tied}",
+                "check that the adapter was trained on this base",
             )
         base_shape = self.index.infos[key].shape
         transposed = spec.kind == "embedding" or adapter.fan_in_fan_out
@@ -89,12 +101,18 @@ class BaseModelInfo:
         copy_shape, base_shape = adapter.index.infos[key].shape, self.index.infos[base_key].shape
         if tuple(copy_shape) != tuple(base_shape):
             raise UnsupportedAdapterError(
-                where, f"the base's {base_key} shape {tuple(base_shape)}", f"shape {tuple(copy_shape)} (a resized vocabulary)", "merge it into the model with PEFT"
+                where,
+                f"the base's {base_key} shape {tuple(base_shape)}",
+                f"shape {tuple(copy_shape)} (a resized vocabulary)",
+                "merge it into the model with PEFT",
             )
         base = self.index.get(base_key)
         if not torch.equal(adapter.index.get(key).to(base.dtype), base):
             raise UnsupportedAdapterError(
-                where, f"a copy equal to the base's {base_key}", "different values (trained or resized embeddings)", "merge it into the model with PEFT"
+                where,
+                f"a copy equal to the base's {base_key}",
+                "different values (trained or resized embeddings)",
+                "merge it into the model with PEFT",
             )
 
     def files(self) -> list[Path]:

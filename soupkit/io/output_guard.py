@@ -96,12 +96,16 @@ def _walk(absolute: Path, shown: str) -> None:
             if err.errno == errno.ENOENT:
                 return
             if err.errno == errno.ELOOP:
-                raise SoupkitError(shown, "a path without a symlink loop", f"a loop at {prefix}", "fix or remove that link") from None
+                raise SoupkitError(
+                    shown, "a path without a symlink loop", f"a loop at {prefix}", "fix or remove that link"
+                ) from None
             if err.errno == errno.ENOTDIR:
                 raise SoupkitError(shown, f"a folder at {parent}", "a file", "choose an output outside that file") from None
             if err.errno == errno.EACCES:
                 raise SoupkitError(shown, f"permission to enter {parent}", "none", "choose a folder you can write") from None
-            raise SoupkitError(shown, "a usable path", f"{prefix}: {os.strerror(err.errno or 0)}", "choose another path") from None
+            raise SoupkitError(
+                shown, "a usable path", f"{prefix}: {os.strerror(err.errno or 0)}", "choose another path"
+            ) from None
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -158,7 +162,9 @@ def check_apart(target: OutputTarget, folders: Sequence[tuple[str, Path]], files
     for given_label, given in folders:
         for label, folder in input_folders(given_label, given):
             if out == folder:
-                raise target.error("an output apart from the inputs", f"the {label} folder" if label == given_label else f"the {label}", fix)
+                raise target.error(
+                    "an output apart from the inputs", f"the {label} folder" if label == given_label else f"the {label}", fix
+                )
             if folder in out.parents:
                 raise target.error("an output apart from the inputs", f"a path inside the {label} ({folder})", fix)
             if out in folder.parents:
@@ -221,7 +227,9 @@ def _analysis_problem(folder: Path) -> str | None:
     marker = f'{{"written_by":"{"".join(ANALYSIS_MARKER.split())}"'  # compared without whitespace: write_json indents
     if not _regular(report) or not "".join(_head(report, 100).split()).startswith(marker):
         return "a folder soupkit did not write (no analysis.json written by soupkit analyze)"
-    extra = sorted(f.name for f in folder.iterdir() if not _regular(f) or not (f.name in ("analysis.json", "table.md") or f.suffix == ".png"))
+    extra = sorted(
+        f.name for f in folder.iterdir() if not _regular(f) or not (f.name in ("analysis.json", "table.md") or f.suffix == ".png")
+    )
     return f"files soupkit did not write ({', '.join(extra[:3])})" if extra else None
 
 
@@ -251,10 +259,16 @@ def check_replaceable(target: OutputTarget, overwrite: bool) -> None:
     problem = None if empty else OWNERSHIP[target.kind](path)
     if problem:
         raise target.error(
-            "a new path, or an output soupkit wrote", problem, f"choose another {target.flag} (--overwrite replaces only soupkit's own outputs)"
+            "a new path, or an output soupkit wrote",
+            problem,
+            f"choose another {target.flag} (--overwrite replaces only soupkit's own outputs)",
         )
     if not overwrite:
-        raise target.error("a path that does not exist yet", f"an existing {'folder' if target.is_dir else 'file'}", f"pass --overwrite or choose another {target.flag}")
+        raise target.error(
+            "a path that does not exist yet",
+            f"an existing {'folder' if target.is_dir else 'file'}",
+            f"pass --overwrite or choose another {target.flag}",
+        )
 
 
 @contextmanager
@@ -356,7 +370,9 @@ def _disk_full_is_one_line(target: OutputTarget) -> Iterator[None]:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
-        raise target.error("room to write the output", os.strerror(err.errno), f"free space there, or choose another {target.flag}") from None
+        raise target.error(
+            "room to write the output", os.strerror(err.errno), f"free space there, or choose another {target.flag}"
+        ) from None
 
 
 def atomic_file(target: OutputTarget, overwrite: bool, text: str) -> None:

@@ -47,7 +47,9 @@ class OutputLock:
                 holder = _read_holder(fd)
                 os.close(fd)
                 raise SoupkitError(
-                    self.where, "no other soupkit run writing there", f"{holder} writing it (lock {self.path})",
+                    self.where,
+                    "no other soupkit run writing there",
+                    f"{holder} writing it (lock {self.path})",
                     f"wait for it to finish, or choose another {self.flag}",
                 ) from None
             if _same_file(fd, self.path):  # else its holder removed it between our open and flock: retry
@@ -63,7 +65,10 @@ class OutputLock:
             return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as err:
             raise SoupkitError(
-                self.where, f"a lock file {self.path} soupkit can create", os.strerror(err.errno or 0), f"remove it, or choose another {self.flag}"
+                self.where,
+                f"a lock file {self.path} soupkit can create",
+                os.strerror(err.errno or 0),
+                f"remove it, or choose another {self.flag}",
             ) from None
 
     def release(self) -> None:

@@ -84,7 +84,12 @@ def resolve_reference(ref: str, root: Path, where: str, role: Role | None = None
     hub = parse_hub_id(ref)
     if hub is None:
         shown_local = str(local) if len(str(local)) <= 120 else f"...{str(local)[-117:]}"
-        raise RecipeError(where, "an existing directory", f"{ref[:80]!r} (resolved to {shown_local})", "fix the path; relative paths start at the recipe file")
+        raise RecipeError(
+            where,
+            "an existing directory",
+            f"{ref[:80]!r} (resolved to {shown_local})",
+            "fix the path; relative paths start at the recipe file",
+        )
     role = role or ("base" if where == "base_model" else "adapter")
     return fetch_from_hub(hub[0], hub[1], role, where, local)
 
@@ -115,14 +120,29 @@ def _hub_error(err: Exception, where: str, shown: str, offline: bool) -> RecipeE
     kind = type(err).__name__
     first_line = (str(err).strip().splitlines() or [kind])[0][:200]
     if kind == "LocalEntryNotFoundError" and offline:
-        return RecipeError(where, f"{shown} in the local hub cache", "it is not cached and HF_HUB_OFFLINE is set", "download it once with HF_HUB_OFFLINE unset, or give a local path")
+        return RecipeError(
+            where,
+            f"{shown} in the local hub cache",
+            "it is not cached and HF_HUB_OFFLINE is set",
+            "download it once with HF_HUB_OFFLINE unset, or give a local path",
+        )
     if kind in {"RepositoryNotFoundError", "GatedRepoError"}:
-        return RecipeError(where, f"an accessible {shown}", f"{kind} ({first_line})", "check the id, or log in with `hf auth login` for private or gated repos")
+        return RecipeError(
+            where,
+            f"an accessible {shown}",
+            f"{kind} ({first_line})",
+            "check the id, or log in with `hf auth login` for private or gated repos",
+        )
     if kind == "RevisionNotFoundError":
         return RecipeError(where, f"an existing revision of {shown}", "no such branch, tag or commit", "fix the text after '@'")
     if kind in {"HFValidationError", "ValueError"}:
         return RecipeError(where, "a valid hub id org/name[@revision]", f"{shown}: {first_line}", "fix the id")
-    return RecipeError(where, f"{shown} from the hub or the local cache", f"{kind} ({first_line})", "check the network, or set HF_HUB_OFFLINE=1 to use the cache only")
+    return RecipeError(
+        where,
+        f"{shown} from the hub or the local cache",
+        f"{kind} ({first_line})",
+        "check the network, or set HF_HUB_OFFLINE=1 to use the cache only",
+    )
 
 
 def hub_pin(directory: Path) -> str | None:

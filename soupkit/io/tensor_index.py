@@ -76,7 +76,9 @@ def read_header(path: Path) -> dict:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise SoupkitError(str(path), "a JSON safetensors header", "unreadable bytes", "re-save the file") from None
     if not isinstance(header, dict) or not all(_valid_entry(v) for k, v in header.items() if k != "__metadata__"):
-        raise SoupkitError(str(path), "a safetensors header (dtype, shape, data_offsets per tensor)", "malformed entries", "re-save the file")
+        raise SoupkitError(
+            str(path), "a safetensors header (dtype, shape, data_offsets per tensor)", "malformed entries", "re-save the file"
+        )
     data_bytes = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + data_bytes > size:
         raise SoupkitError(str(path), f"{8 + n + data_bytes} bytes", f"{size} (truncated)", "re-download the file")
@@ -112,7 +114,9 @@ class TensorIndex:
                 weight_map = json.loads(index_file.read_text())["weight_map"]
                 names = sorted(set(weight_map.values()))
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-                raise SoupkitError(str(index_file), "a JSON object with a weight_map", "something else", "re-download or re-save it") from None
+                raise SoupkitError(
+                    str(index_file), "a JSON object with a weight_map", "something else", "re-download or re-save it"
+                ) from None
             missing = [n for n in names if not (directory / n).is_file()]
             if missing:
                 raise SoupkitError(str(index_file), f"shard {missing[0]} beside it", "no such file", "download every shard")

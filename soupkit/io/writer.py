@@ -77,7 +77,9 @@ class SafetensorsStreamWriter:
             self._fh.close()
 
 
-def check_finite_cast(cast: torch.Tensor, source: torch.Tensor, where: str, fix: str = "use dtype: bfloat16 (or float32), or smaller weights") -> None:
+def check_finite_cast(
+    cast: torch.Tensor, source: torch.Tensor, where: str, fix: str = "use dtype: bfloat16 (or float32), or smaller weights"
+) -> None:
     """Refuse ``cast`` (a tensor about to be written) if it holds NaN or Inf; ``source`` is it before the cast.
 
     A finite float32 value can overflow float16 (max 65504): the check runs on what is written,

@@ -82,6 +82,7 @@ class DenseMethod(MergeMethod):
         fractions = self.global_fractions(params)
         if fractions is None:
             return None
+
         def magnitudes(mod: ModuleInputs) -> list[torch.Tensor]:
             if in_core(params):
                 with small_maths(mod.factors[0].A):
@@ -90,9 +91,7 @@ class DenseMethod(MergeMethod):
 
         return global_thresholds(run, magnitudes, fractions)
 
-    def merge(
-        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
-    ) -> MergeResult:
+    def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
         if in_core(params):
             with small_maths(factors[0].A):

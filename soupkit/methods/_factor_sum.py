@@ -15,9 +15,7 @@ class FactorSum(MergeMethod):
 
     space = "factors"
 
-    def merge(
-        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
-    ) -> MergeResult:
+    def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
         merged, kept = truncate_factors(concat_factors(factors, weights), rank)
         return MergeResult(merged, kept)

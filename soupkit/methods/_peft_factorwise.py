@@ -91,9 +91,7 @@ class PeftFactorwise(MergeMethod):
     def prepare(self, params: MethodParams, run: RunInputs) -> Any:
         return {"n_adapters": run.n_adapters}
 
-    def merge(
-        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
-    ) -> MergeResult:
+    def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         single = isinstance(ctx.state, dict) and ctx.state.get("n_adapters") == 1
         kind: Combination = "linear" if single else self.combination
         c = [w * f.scale for f, w in zip(factors, weights, strict=True)]

@@ -152,7 +152,5 @@ class MergeMethod(ABC):
         return None
 
     @abstractmethod
-    def merge(
-        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
-    ) -> MergeResult:
+    def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         """Merge one module. ``factors`` and ``weights`` are aligned, one entry per adapter present."""

@@ -21,7 +21,5 @@ class Cat(MergeMethod):
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
         return sum(input_ranks)  # exact: the rank budget does not apply
 
-    def merge(
-        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
-    ) -> MergeResult:
+    def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         return MergeResult(concat_factors(factors, weights))

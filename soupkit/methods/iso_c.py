@@ -35,15 +35,11 @@ class IsoC(MergeMethod):
         total = sum(input_ranks)
         return total if budget is None else min(budget, total)
 
-    def merge(
-        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
-    ) -> MergeResult:
+    def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         with small_maths(factors[0].A):
             return self._merge(factors, weights, params, ctx)
 
-    def _merge(
-        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
-    ) -> MergeResult:
+    def _merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         p: Any = params
         rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
         if p.space == "core":

@@ -62,6 +62,7 @@ class Knots(MergeMethod):
         p: Any = params
         if p.scope != "global":
             return None
+
         def magnitudes(mod: ModuleInputs) -> list[torch.Tensor]:
             return [Z.abs() for Z in self._coordinates(mod.factors, p, mod.ctx)[1]]
 
@@ -72,15 +73,10 @@ class Knots(MergeMethod):
         U, Z64 = aligned_coordinates(factors)
         Z = [z.float() for z in Z64]  # float32 from here: thresholds are exact on float32 bits
         if p.dare_density is not None and p.dare_density < 1.0:
-            Z = [
-                drop_and_rescale(z, p.dare_density, uniform_for(z, j, ctx, seeds.DARE))
-                for j, z in enumerate(Z)
-            ]
+            Z = [drop_and_rescale(z, p.dare_density, uniform_for(z, j, ctx, seeds.DARE)) for j, z in enumerate(Z)]
         return U, Z
 
-    def merge(
-        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
-    ) -> MergeResult:
+    def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         p: Any = params
         U, Z = self._coordinates(factors, p, ctx)
         trimmed = []

@@ -63,9 +63,7 @@ class Lego(MergeMethod):
         total = sum(input_ranks)
         return min(budget, total) if budget is not None else max(input_ranks, default=0)
 
-    def merge(
-        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
-    ) -> MergeResult:
+    def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         p: Any = params
         b, a = canonical_units(factors, weights)
         d_out, d_in = factors[0].B.shape[0], factors[0].A.shape[1]

@@ -32,9 +32,7 @@ class Linear(FactorSum):
         total = sum(input_ranks)
         return total if budget is None else min(budget, total)
 
-    def merge(
-        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
-    ) -> MergeResult:
+    def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         p: Any = params
         if p.space == "core":
             rank = self.output_rank([f.rank for f in factors], params, ctx.rank)

@@ -79,22 +79,20 @@ class Tsv(MergeMethod):
     name = "tsv"
     space = "factors"
     paper = "Task Singular Vectors: Reducing Task Interference in Model Merging (Gargiulo et al., CVPR 2025, arXiv 2412.00081)"
-    summary = "top singular triplets of each w_i delta_i, whiten U and V (polar factors), U_perp S V_perp^T x lambda; rank <= sum r_i"
+    summary = (
+        "top singular triplets of each w_i delta_i, whiten U and V (polar factors), U_perp S V_perp^T x lambda; rank <= sum r_i"
+    )
     Params = DenseParams
 
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
         total = sum(input_ranks)
         return total if budget is None else min(budget, total)
 
-    def merge(
-        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
-    ) -> MergeResult:
+    def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         with small_maths(factors[0].A):
             return self._merge(factors, weights, params, ctx)
 
-    def _merge(
-        self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext
-    ) -> MergeResult:
+    def _merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         p: Any = params
         rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
         if p.space == "core":

@@ -235,7 +235,7 @@ def best_rank_k(
     total = float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2)
     if total == 0.0:
         return LoraFactors(A=d.new_zeros(0, d.shape[1]), B=d.new_zeros(d.shape[0], 0)), 1.0
-    guess = [] if start is None else [start.float().to(d.device)[:, : width]]
+    guess = [] if start is None else [start.float().to(d.device)[:, :width]]
     n_random = width - (guess[0].shape[1] if guess else 0)
     gen = torch.Generator().manual_seed(seed)
     guess.append(torch.randn(d.shape[1], n_random, generator=gen).to(d.device))

@@ -45,7 +45,10 @@ def check_duplicate_keys(node: MappingNode, source: str) -> None:
         ident = (key.tag, key.value)
         if ident in seen:
             raise RecipeError(
-                f"{source}:{key.start_mark.line + 1}", "each key once per mapping", f"a second {shown(key.value, 60)}", "remove one of them"
+                f"{source}:{key.start_mark.line + 1}",
+                "each key once per mapping",
+                f"a second {shown(key.value, 60)}",
+                "remove one of them",
             )
         seen.add(ident)
 
@@ -94,7 +97,10 @@ def read_recipe_yaml(path: Path) -> object:
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
         raise RecipeError(
-            str(path), f"a recipe of at most {MAX_RECIPE_BYTES // 2**20} MB", f"{size / 2**20:.1f} MB", "is this the recipe file? shorten it"
+            str(path),
+            f"a recipe of at most {MAX_RECIPE_BYTES // 2**20} MB",
+            f"{size / 2**20:.1f} MB",
+            "is this the recipe file? shorten it",
         )
     try:
         text = path.read_text()
@@ -107,7 +113,10 @@ def read_recipe_yaml(path: Path) -> object:
             return None
         if expanded_size(node, MAX_EXPANDED_NODES, str(path)) > MAX_EXPANDED_NODES:
             raise RecipeError(
-                str(path), f"at most {MAX_EXPANDED_NODES:,} values once aliases are expanded", "more (an alias bomb?)", "write the recipe without nested aliases"
+                str(path),
+                f"at most {MAX_EXPANDED_NODES:,} values once aliases are expanded",
+                "more (an alias bomb?)",
+                "write the recipe without nested aliases",
             )
         return loader.construct_document(node)
     except yaml.MarkedYAMLError as err:
@@ -117,6 +126,8 @@ def read_recipe_yaml(path: Path) -> object:
     except yaml.YAMLError as err:
         raise RecipeError(str(path), "valid YAML", f"unreadable content ({type(err).__name__})", "fix the file") from None
     except RecursionError:
-        raise RecipeError(str(path), "YAML nested at most a few hundred levels deep", "deeper nesting", "flatten the recipe") from None
+        raise RecipeError(
+            str(path), "YAML nested at most a few hundred levels deep", "deeper nesting", "flatten the recipe"
+        ) from None
     finally:
         loader.dispose()

@@ -95,8 +95,7 @@ class Recipe(StrictModel):
             for key in override.weights:
                 if key not in names:
                     raise ValueError(
-                        f"merge.modules.{i}.weights names adapter '{key}'{did_you_mean(key, names)}, "
-                        f"but the adapters are {names}"
+                        f"merge.modules.{i}.weights names adapter '{key}'{did_you_mean(key, names)}, but the adapters are {names}"
                     )
         return self
 
@@ -121,7 +120,9 @@ class Recipe(StrictModel):
 def validate_recipe(data: object, root: Path, label: str = "recipe") -> Recipe:
     """Validate parsed YAML: structure first, then the chosen method's own parameters."""
     if not isinstance(data, dict):
-        raise RecipeError(label, "a mapping with base_model, adapters, merge", f"{type(data).__name__}", "see recipes/ for examples")
+        raise RecipeError(
+            label, "a mapping with base_model, adapters, merge", f"{type(data).__name__}", "see recipes/ for examples"
+        )
     data = {k: v for k, v in data.items() if k != "soupkit_lock"}  # a lock file is a recipe plus this
     try:
         recipe = Recipe.model_validate(data)
