@@ -29,7 +29,8 @@ def analyze_to(
     analyze wrote it, one writer at a time, created atomically. Nothing else is written or changed.
     """
     from soupkit.execute import check_inputs_apart, open_inputs
-    from soupkit.io.output_guard import ANALYSIS_MARKER, atomic_dir, check_replaceable, claim, resolve_output
+    from soupkit.io.output_guard import atomic_dir, check_replaceable, claim, resolve_output
+    from soupkit.io.output_markers import ANALYSIS_MARKER
 
     target = resolve_output(out, "-o", "analysis")
     check_inputs_apart(target, open_inputs(recipe), recipe_file)  # headers only

@@ -22,7 +22,6 @@ from soupkit.fit.model import CatFitModel, build_fit_model
 from soupkit.fit.report import weights_by_module, write_report
 from soupkit.fit.train import FitOptions, FitState, make_accelerator, train, with_autocast, with_weights
 from soupkit.io.output_guard import (
-    FITTED_HEADER,
     OutputTarget,
     atomic_dir,
     atomic_file,
@@ -32,6 +31,7 @@ from soupkit.io.output_guard import (
     claim,
     resolve_output,
 )
+from soupkit.io.output_markers import FITTED_HEADER
 from soupkit.io.resolve import resolve_reference
 from soupkit.recipe import Recipe, load_recipe
 
@@ -290,7 +290,7 @@ def _rebase(ref: str, root: Path, target: Path) -> str:
 def build_report(state: FitState, options: FitOptions, weights: dict[str, dict[str, float]], names: list[str]) -> dict[str, Any]:
     """The fit_report.json content."""
     return {
-        "written_by": "soupkit fit-alpha",  # first key: the marker --overwrite checks (io.output_guard.REPORT_MARKER)
+        "written_by": "soupkit fit-alpha",  # first key: the marker --overwrite checks (io.output_markers.REPORT_MARKER)
         "adapters": names,
         "search": options.search,
         "granularity": "adapter" if options.search == "lorahub" else options.granularity,

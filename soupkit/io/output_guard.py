@@ -20,27 +20,16 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import yaml
 
 from soupkit.errors import SoupkitError
 from soupkit.io.output_lock import SIGNALS, OutputLock
+from soupkit.io.output_markers import OWNERSHIP, Kind
 
-LOCK_NAME = "soupkit.lock.yaml"
-LOCK_HEADER = "# Written by soupkit: the resolved recipe, input hashes and versions."
-FITTED_HEADER = "# fitted by soupkit fit-alpha"  # first line of every fitted recipe
-REPORT_MARKER = '{\n  "written_by": "soupkit fit-alpha"'  # how every fit_report.json starts
-REPORT_FILES = ("fit_report.json", "weights.png", "loss.png")
-ANALYSIS_MARKER = "soupkit analyze"  # the first key of every analysis.json: {"written_by": ...}
 SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"), Path("/dev"))
-MARKER_BYTES = 8 << 20  # a lock file larger than this is not one soupkit wrote
-
-Kind = Literal["merge", "fitted-recipe", "fit-report", "analysis"]
 
 
 @dataclass(frozen=True)
@@ -185,66 +174,6 @@ def check_disjoint(targets: Sequence[OutputTarget]) -> None:
 
 
 # ---- 3. --overwrite replaces only what soupkit wrote --------------------------------------------
-
-
-def _regular(path: Path) -> bool:
-    return path.is_file() and not path.is_symlink()
-
-
-def _head(path: Path, n: int) -> str:
-    with open(path, "rb") as fh:
-        return fh.read(n).decode("utf-8", errors="replace")
-
-
-def _merge_output_problem(folder: Path) -> str | None:
-    """None if ``folder`` is an output of ``soupkit merge`` (and nothing else), else what it holds."""
-    lock = folder / LOCK_NAME
-    if not _regular(lock) or lock.stat().st_size > MARKER_BYTES or _head(lock, len(LOCK_HEADER)) != LOCK_HEADER:
-        return f"a folder soupkit did not write (no {LOCK_NAME} written by soupkit)"
-    try:
-        meta = yaml.safe_load(lock.read_text()).get("soupkit_lock")
-        outputs = meta.get("outputs") or {}
-        written_by_soupkit = "soupkit" in meta["versions"]
-    except (yaml.YAMLError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
-        written_by_soupkit = False
-    if not written_by_soupkit:
-        return f"a folder whose {LOCK_NAME} soupkit did not write"
-    extra = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if not f.is_dir() or f.is_symlink())
-    extra = [name for name in extra if name != LOCK_NAME and (outputs and name not in outputs)]
-    return f"files soupkit did not write ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})" if extra else None
-
-
-def _fit_report_problem(folder: Path) -> str | None:
-    report = folder / REPORT_FILES[0]
-    if not _regular(report) or _head(report, len(REPORT_MARKER)) != REPORT_MARKER:
-        return f"a folder soupkit did not write (no {REPORT_FILES[0]} written by soupkit fit-alpha)"
-    extra = sorted(f.name for f in folder.iterdir() if f.name not in REPORT_FILES or not _regular(f))
-    return f"files soupkit did not write ({', '.join(extra[:3])})" if extra else None
-
-
-def _analysis_problem(folder: Path) -> str | None:
-    report = folder / "analysis.json"
-    marker = f'{{"written_by":"{"".join(ANALYSIS_MARKER.split())}"'  # compared without whitespace: write_json indents
-    if not _regular(report) or not "".join(_head(report, 100).split()).startswith(marker):
-        return "a folder soupkit did not write (no analysis.json written by soupkit analyze)"
-    extra = sorted(
-        f.name for f in folder.iterdir() if not _regular(f) or not (f.name in ("analysis.json", "table.md") or f.suffix == ".png")
-    )
-    return f"files soupkit did not write ({', '.join(extra[:3])})" if extra else None
-
-
-def _fitted_recipe_problem(path: Path) -> str | None:
-    if _regular(path) and _head(path, len(FITTED_HEADER)) == FITTED_HEADER:
-        return None
-    return "a file soupkit fit-alpha did not write"
-
-
-OWNERSHIP: dict[Kind, Callable[[Path], str | None]] = {
-    "merge": _merge_output_problem,
-    "fit-report": _fit_report_problem,
-    "fitted-recipe": _fitted_recipe_problem,
-    "analysis": _analysis_problem,
-}
 
 
 def check_replaceable(target: OutputTarget, overwrite: bool) -> None:

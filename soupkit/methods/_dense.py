@@ -25,7 +25,16 @@ from pydantic import ConfigDict, Field
 from soupkit.methods import seeds
 from soupkit.methods._core import SPACE_DOC, MergeSpace, core_matrices, small_maths
 from soupkit.methods._global import global_thresholds
-from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
+from soupkit.methods.base import (
+    LoraFactors,
+    MergeContext,
+    MergeMethod,
+    MergeResult,
+    MethodParams,
+    ModuleInputs,
+    RunInputs,
+    sum_rank_within,
+)
 from soupkit.ops import best_rank_k, dense_delta, disjoint_mean, drop_and_rescale, elect_sign, trim_to_density
 
 Density = Annotated[float, Field(gt=0.0, le=1.0, description="Fraction of entries kept, in (0, 1].")]
@@ -62,10 +71,9 @@ class DenseMethod(MergeMethod):
     combine: Literal["sum", "ties"] = "sum"
 
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
-        total = sum(input_ranks)
         if in_core(params):  # U M V has rank <= R
-            return total if budget is None else min(budget, total)
-        return budget if budget is not None else total
+            return sum_rank_within(input_ranks, budget)
+        return budget if budget is not None else sum(input_ranks)
 
     def forms_dense(self, params: MethodParams) -> bool:
         return not in_core(params)

@@ -99,6 +99,12 @@ class RunInputs:
     modules: Callable[[], Iterator[ModuleInputs]]
 
 
+def sum_rank_within(input_ranks: list[int], budget: int | None) -> int:
+    """Output rank of a merge whose result lies in the span of all inputs: sum r_i, or ``merge.rank`` if smaller."""
+    total = sum(input_ranks)
+    return total if budget is None else min(budget, total)
+
+
 class MergeMethod(ABC):
     """One merge method. Subclasses set the class attributes and implement ``merge``.
 

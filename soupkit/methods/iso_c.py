@@ -18,7 +18,7 @@ import torch
 
 from soupkit.methods._core import core_space, small_maths
 from soupkit.methods._dense import DenseParams
-from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
+from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, sum_rank_within
 from soupkit.methods.tsv import factors_from_svd, nonzero_triplets
 from soupkit.ops import concat_factors, factor_svd, svd
 
@@ -32,8 +32,7 @@ class IsoC(MergeMethod):
     identity_needs_flat_spectrum = True
 
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
-        total = sum(input_ranks)
-        return total if budget is None else min(budget, total)
+        return sum_rank_within(input_ranks, budget)
 
     def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         with small_maths(factors[0].A):

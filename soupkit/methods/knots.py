@@ -19,7 +19,16 @@ from pydantic import Field
 from soupkit.methods import seeds
 from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, Density, ScaledParams, Scope, SignRule, uniform_for
 from soupkit.methods._global import global_thresholds
-from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, ModuleInputs, RunInputs
+from soupkit.methods.base import (
+    LoraFactors,
+    MergeContext,
+    MergeMethod,
+    MergeResult,
+    MethodParams,
+    ModuleInputs,
+    RunInputs,
+    sum_rank_within,
+)
 from soupkit.ops import disjoint_mean, drop_and_rescale, eigh, elect_sign, trim_to_density, truncate_factors
 
 
@@ -55,8 +64,7 @@ class Knots(MergeMethod):
     Params = KnotsParams
 
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
-        total = sum(input_ranks)
-        return total if budget is None else min(budget, total)
+        return sum_rank_within(input_ranks, budget)
 
     def prepare(self, params: MethodParams, run: RunInputs) -> Any:
         p: Any = params

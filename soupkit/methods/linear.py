@@ -15,7 +15,7 @@ from pydantic import Field
 
 from soupkit.methods._core import SPACE_DOC, MergeSpace, core_space, small_maths
 from soupkit.methods._factor_sum import FactorSum
-from soupkit.methods.base import LoraFactors, MergeContext, MergeResult, MethodParams
+from soupkit.methods.base import LoraFactors, MergeContext, MergeResult, MethodParams, sum_rank_within
 
 
 class LinearParams(MethodParams):
@@ -29,8 +29,7 @@ class Linear(FactorSum):
     Params = LinearParams
 
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
-        total = sum(input_ranks)
-        return total if budget is None else min(budget, total)
+        return sum_rank_within(input_ranks, budget)
 
     def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         p: Any = params

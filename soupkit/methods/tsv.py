@@ -21,7 +21,7 @@ import torch
 
 from soupkit.methods._core import core_space, small_maths
 from soupkit.methods._dense import DenseParams
-from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams
+from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, sum_rank_within
 from soupkit.ops import energy_fraction, factor_svd, svd
 
 NONZERO = 1e-6  # a singular value below this fraction of the largest is rounding noise, not a direction
@@ -85,8 +85,7 @@ class Tsv(MergeMethod):
     Params = DenseParams
 
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
-        total = sum(input_ranks)
-        return total if budget is None else min(budget, total)
+        return sum_rank_within(input_ranks, budget)
 
     def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         with small_maths(factors[0].A):

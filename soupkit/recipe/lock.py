@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 import soupkit
-from soupkit.io.output_guard import LOCK_HEADER, LOCK_NAME
+from soupkit.io.output_markers import LOCK_HEADER, LOCK_NAME
 
 __all__ = ["LOCK_NAME", "file_hashes", "write_lock"]
 
