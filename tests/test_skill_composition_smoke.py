@@ -138,7 +138,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     seed = tmp_path / f"run-{SMOKE.key()}" / "seed0"
     for row in rows(SMOKE):
         entry = by_name[row.name]
-        runnable = row.kind in ("base", "adapter", "train", "sweep") or (row.kind == "merge" and row.method in REGISTRY)
+        runnable = row.kind in ("base", "adapter", "train", "sweep", "moe") or (row.kind == "merge" and row.method in REGISTRY)
         runnable = runnable or (row.kind == "fit" and "fit-alpha" in cli.commands)
         if runnable:  # rows soupkit can run must run; the rest say why not
             assert entry["seeds_ok"] == 1, entry.get("not_available")

@@ -12,8 +12,9 @@ from examples.skill_composition.safe_eval import program_shape, score_math, scor
 TASKS = ("math", "code", "composite")
 
 
-def generate(ctx, prompts: list[str]) -> list[str]:
-    return ctx.codec.generate(ctx.eval_model().model, prompts, ctx.cfg.max_new, ctx.cfg.gen_batch)
+def generate(ctx, prompts: list[str], model=None) -> list[str]:
+    model = ctx.eval_model().model if model is None else model
+    return ctx.codec.generate(model, prompts, ctx.cfg.max_new, ctx.cfg.gen_batch)
 
 
 def score(examples: list, outputs: list[str], task: str) -> dict:
@@ -29,11 +30,11 @@ def score(examples: list, outputs: list[str], task: str) -> dict:
     return metrics
 
 
-def evaluate_current(ctx, seed: int) -> tuple[dict, dict]:
-    """Score the working model on the three test sets, generated together in one batched pass."""
+def evaluate_current(ctx, seed: int, model=None) -> tuple[dict, dict]:
+    """Score the working model (or ``model``) on the three test sets, generated together in one batched pass."""
     sets = ctx.sets(seed)
     examples = {t: sets[f"eval_{t}"] for t in TASKS}
-    outputs = generate(ctx, [e.prompt for t in TASKS for e in examples[t]])
+    outputs = generate(ctx, [e.prompt for t in TASKS for e in examples[t]], model)
     metrics, samples, at = {}, {}, 0
     for task in TASKS:
         outs = outputs[at : at + len(examples[task])]
@@ -78,6 +79,21 @@ def train_control(ctx, seed: int, row: Row) -> Path:
     return out
 
 
+def evaluate_router(ctx, seed: int, row: Row, entry: dict) -> None:
+    """The MoE baseline: routers trained on the regime's calibration data, then the routed model scored."""
+    import torch
+
+    from examples.skill_composition.moe import train_router
+
+    adapters = [ctx.run_dir / f"seed{seed}" / "adapters" / s for s in row.sources]
+    examples = ctx.sets(seed)[f"calib:{row.regime}"]
+    model, entry["router"] = train_router(ctx.train_base(), adapters, examples, ctx.cfg, ctx.codec, 4000 + seed, lambda _: None)
+    entry["fitted_weights"] = entry["router"]["gates"]  # mean gate per adapter, over layers (calibration tokens)
+    if ctx.device.type == "cuda":
+        model.to(torch.bfloat16)  # generate in bf16 like every other row
+    entry["metrics"], entry["samples"] = evaluate_current(ctx, seed, model)
+
+
 def evaluate_row(ctx, seed: int, row: Row) -> dict:
     sdir = ctx.run_dir / f"seed{seed}"
     entry: dict = {
@@ -89,6 +105,10 @@ def evaluate_row(ctx, seed: int, row: Row) -> dict:
     }
     try:
         adapter = None
+        if row.kind == "moe":
+            evaluate_router(ctx, seed, row, entry)
+            entry["status"] = "ok"
+            return entry
         if row.kind == "adapter":
             adapter = sdir / "adapters" / row.sources[0]
         elif row.kind == "train":

@@ -32,8 +32,9 @@ class Row:
 
     kind: ``base`` (no adapter), ``adapter`` (a trained LoRA, ``sources[0]``), ``merge`` (recipe +
     ``soupkit merge``), ``sweep`` (CAT weight sweep, pair chosen on the validation prompts), ``fit``
-    (recipe + ``soupkit fit-alpha`` on ``regime``'s data + ``soupkit merge``) or ``train`` (a control
-    LoRA trained on ``regime``'s data: fresh, or ``sources[0]`` trained further).
+    (recipe + ``soupkit fit-alpha`` on ``regime``'s data + ``soupkit merge``), ``train`` (a control
+    LoRA trained on ``regime``'s data: fresh, or ``sources[0]`` trained further) or ``moe`` (the
+    paper's MoE baseline: a router per layer trained on ``regime``'s data; inference only, see moe.py).
     sources: adapter keys (directories under the seed's ``adapters/``), aligned with ``weights``.
     priority: order in which the runner takes rows (lower first), so a run cut short keeps the core.
     """
@@ -68,6 +69,10 @@ def rows(cfg: Config) -> list[Row]:
         for weights in cfg.fixed_weights:
             label = "/".join(f"{w:g}" for w in weights)
             out.append(Row(f"{method} {label}", "merge", skills, weights, method, priority=2 if method in core else 6))
+    for method in sorted(m for m in REGISTRY if "space" in REGISTRY[m].Params.model_fields):
+        for weights in cfg.fixed_weights:  # the same method in core space (merge.space: core)
+            label = "/".join(f"{w:g}" for w in weights)
+            out.append(Row(f"{method} core {label}", "merge", skills, weights, method, {"space": "core"}, priority=7))
     n_val = cfg.val_composite
     out.append(Row(f"cat sweep (chosen with {n_val} target examples)", "sweep", skills, priority=2))
     for regime in regimes:
@@ -85,6 +90,7 @@ def rows(cfg: Config) -> list[Row]:
             Row(f"cat fit free [{regime}]", "fit", skills, (0.5, 0.5), fit={"constraint": "free"}, regime=regime, priority=first),
             Row(f"control: fresh LoRA [{regime}]", "train", (), regime=regime, priority=first),
             Row(f"control: code LoRA trained further [{regime}]", "train", ("code",), regime=regime, priority=first),
+            Row(f"moe router, inference only [{regime}]", "moe", skills, regime=regime, priority=first),
             Row(
                 f"control: cat fit over random LoRAs [{regime}]",
                 "fit",

@@ -8,7 +8,8 @@ Stages cache under ``--out`` in folders named by a hash of the settings that mad
 (the converted or pretrained base), ``run-<key>/seed<N>/adapters/`` (trained LoRAs, calibration files)
 and ``run-<key>/seed<N>/rows/<row>.json`` (one file per row), then ``results.json``, ``table.md`` and
 ``chart.png`` in ``--out``. A run cut short (``--minutes``) resumes where it stopped. ``--workers N``
-runs N processes (spread over the visible GPUs) that take rows from one shared queue, core rows first.
+runs N processes (spread over the visible GPUs) that take tasks from one shared queue: the seeds' LoRAs
+(each seed's math, code and data-mix LoRAs train in parallel), then the rows, core rows first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -105,24 +107,61 @@ class Context:
         return self._sets[seed]
 
 
-def stage_adapters(ctx: Context, seed: int) -> None:
-    """Skill LoRAs, data-mix (the steps of both on the union), two random LoRAs, the calibration files."""
+SKILL_ADAPTERS = {"mix": 2, "math": 1, "code": 1}  # adapter -> its steps in cfg.lora_steps; longest first
+
+
+def train_skill_adapter(ctx: Context, seed: int, name: str) -> None:
+    """One of the seed's trained LoRAs: a skill, or data-mix (the steps of both skills on the union)."""
     cfg, sdir = ctx.cfg, ctx.run_dir / f"seed{seed}"
-    done = sdir / "adapters.json"
+    done = sdir / "trained" / f"{name}.json"
     if done.is_file():
         return
-    adapters, sets, info = sdir / "adapters", ctx.sets(seed), {}
-    for name, n in {"math": cfg.lora_steps, "code": cfg.lora_steps, "mix": 2 * cfg.lora_steps}.items():
-        log(f"[seed {seed}] LoRA '{name}': {len(sets[name])} examples, {n} steps")
-        # Same init seed for every LoRA of this run (as PEFT users get by default): shared A init.
-        info[name] = train_lora(ctx.train_base(), cfg, sets[name], n, 1000 + seed, adapters / name, log, ctx.codec)
+    steps, examples = SKILL_ADAPTERS[name] * cfg.lora_steps, ctx.sets(seed)[name]
+    log(f"[seed {seed}] LoRA '{name}': {len(examples)} examples, {steps} steps")
+    out = sdir / "adapters" / name
+    # Same init seed for every LoRA of this run (as PEFT users get by default): shared A init.
+    info = train_lora(ctx.train_base(), cfg, examples, steps, 1000 + seed, out, log, ctx.codec)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(info, indent=1) + "\n")
+
+
+def finish_adapters(ctx: Context, seed: int) -> None:
+    """After the seed's trained LoRAs: two random LoRAs, the calibration files, the adapter statistics."""
+    cfg, sdir = ctx.cfg, ctx.run_dir / f"seed{seed}"
+    adapters, sets = sdir / "adapters", ctx.sets(seed)
+    info = {name: json.loads((sdir / "trained" / f"{name}.json").read_text()) for name in SKILL_ADAPTERS}
     for k, name in enumerate(["rand_a", "rand_b"]):
         random_lora(ctx.train_base(), cfg, 5000 + 10 * seed + k, adapters / ("math", "code")[k], adapters / name)
     for regime in REGIMES:
         records = [ctx.codec.calib_record(e.prompt, e.completion) for e in sets[f"calib:{regime}"]]
         (sdir / f"calib_{slug(regime)}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     stats = adapter_stats(ctx.base_dir, {n: adapters / n for n in ("math", "code", "mix", "rand_a", "rand_b")})
-    done.write_text(json.dumps({"training": info, "adapter_stats": stats}, indent=1) + "\n")
+    (sdir / "adapters.json").write_text(json.dumps({"training": info, "adapter_stats": stats}, indent=1) + "\n")
+
+
+def wait_for(paths: list[Path], deadline: float) -> bool:
+    while not all(p.is_file() for p in paths):
+        if time.time() > deadline:
+            return False
+        time.sleep(2)
+    return True
+
+
+def stage_adapters(ctx: Context, deadline: float) -> bool:
+    """Every seed's LoRAs, trained in parallel: each worker takes (seed, adapter) tasks from one queue."""
+    seeds, run_dir = ctx.cfg.seeds, ctx.run_dir
+    for name in SKILL_ADAPTERS:
+        for seed in seeds:
+            done = run_dir / f"seed{seed}" / "trained" / f"{name}.json"
+            if not done.is_file() and time.time() < deadline and claim(run_dir / f"seed{seed}" / "claims" / f"lora_{name}"):
+                train_skill_adapter(ctx, seed, name)
+    for seed in seeds:
+        sdir = run_dir / f"seed{seed}"
+        if not wait_for([sdir / "trained" / f"{n}.json" for n in SKILL_ADAPTERS], deadline):
+            return False
+        if not (sdir / "adapters.json").is_file() and claim(sdir / "claims" / "finish_adapters"):
+            finish_adapters(ctx, seed)
+    return wait_for([run_dir / f"seed{s}" / "adapters.json" for s in seeds], deadline)
 
 
 def run_task(ctx: Context, seed: int, row: Row) -> None:
@@ -153,17 +192,12 @@ def claim(path: Path) -> bool:
 
 
 def worker(cfg: Config, base_dir: Path, run_dir: Path, index: int, workers: int, deadline: float) -> None:
-    """Train the adapters of the seeds this worker owns, wait for the others', then take rows from the queue."""
+    """Take (seed, adapter) training tasks, wait for every seed's adapters, then take rows from the queue."""
     if time.time() > deadline:
         return
     ctx = Context(cfg, base_dir, run_dir)
-    for j, seed in enumerate(cfg.seeds):
-        if j % workers == index:
-            stage_adapters(ctx, seed)
-    while not all((run_dir / f"seed{s}" / "adapters.json").is_file() for s in cfg.seeds):
-        if time.time() > deadline:
-            return
-        time.sleep(2)
+    if not stage_adapters(ctx, deadline):
+        return
     queue = sorted(((r.priority, s, i, r) for i, r in enumerate(rows(cfg)) for s in cfg.seeds), key=lambda t: t[:3])
     for _, seed, _, row in queue:
         rows_dir = run_dir / f"seed{seed}" / "rows"
@@ -239,6 +273,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     run_dir.mkdir(exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     deadline = args.deadline or T0 + 60 * args.minutes
+    if args.worker is None:  # a run cut short left claims on tasks it never finished: free them
+        for claims in run_dir.glob("seed*/claims"):
+            shutil.rmtree(claims)
     if args.worker is not None:
         worker(cfg, base_dir, run_dir, args.worker, args.workers, deadline)
         return None
