@@ -121,6 +121,7 @@ def fitted_table(table: list[dict]) -> str:
 
 
 def bar_chart(table: list[dict], path: Path, title: str) -> None:
+    """Horizontal bars, one group per row (top to bottom in table order), so 90 rows stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,8 +131,8 @@ def bar_chart(table: list[dict], path: Path, title: str) -> None:
     if not shown:
         return
     names = [e["name"] for e in shown]
-    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(names) + 2), 4.6), dpi=90)
-    width = 0.2
+    fig, ax = plt.subplots(figsize=(12, 0.36 * len(names) + 1.6), dpi=90)
+    height = 0.2
     colors = {"composite_acc": "#c0392b", "composite_valid": "#f5b7b1", "math_acc": "#2e86c1", "code_acc": "#28b463"}
     labels = {
         "composite_acc": "composite (held out): accuracy",
@@ -140,16 +141,17 @@ def bar_chart(table: list[dict], path: Path, title: str) -> None:
         "code_acc": "skill B (code): accuracy",
     }
     for k, metric in enumerate(colors):
-        xs = [i + (k - 1.5) * width for i in range(len(shown))]
-        ys = [100 * e[metric]["mean"] for e in shown]
+        ys = [i + (k - 1.5) * height for i in range(len(shown))]
+        xs = [100 * e[metric]["mean"] for e in shown]
         errs = [100 * e[metric]["std"] for e in shown]
-        ax.bar(xs, ys, width, yerr=errs, capsize=2, color=colors[metric], label=labels[metric])
-    ax.set_xticks(range(len(shown)), names, rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy % (mean ± std over seeds)")
-    ax.set_ylim(0, 105)
+        ax.barh(ys, xs, height, xerr=errs, capsize=1.5, color=colors[metric], label=labels[metric])
+    ax.set_yticks(range(len(shown)), names, fontsize=7)
+    ax.set_ylim(len(shown) - 0.5, -0.5)  # first row at the top
+    ax.set_xlabel("accuracy % (mean ± std over seeds)")
+    ax.set_xlim(0, 105)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
