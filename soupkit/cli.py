@@ -85,6 +85,8 @@ def merge(
     from soupkit.recipe import load_recipe
 
     loaded = load_recipe(recipe)
+    if (change := loaded.generator_change()) is not None:
+        click.echo(f"warning: {recipe}: {change}", err=True)
     if output_type:
         loaded = loaded.model_copy(update={"output": output_type})
     given, out = out, out or Path(f"{recipe.stem}-merged")

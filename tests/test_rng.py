@@ -122,6 +122,30 @@ def test_lock_records_the_generator(tmp_path: Path) -> None:
     assert lock["soupkit_lock"]["versions"]["rng"] == "counter-hash-v1"
 
 
+@pytest.mark.parametrize("locked", ["torch-philox-v0", None])
+def test_rerunning_a_lock_of_another_generator_warns(tmp_path: Path, locked: str | None) -> None:
+    """`soupkit merge LOCK` says when the lock's masks came from another generator (or an unrecorded one)."""
+    from click.testing import CliRunner
+
+    from soupkit.cli import main
+
+    recipe = Recipe.from_dict(tiny_recipe("dare_ties", (0.7, 0.5), density=0.5), tmp_path)
+    merge_recipe(recipe, tmp_path / "out", RunOptions(progress=False))
+    lock_file = tmp_path / "out" / "soupkit.lock.yaml"
+    same = CliRunner().invoke(main, ["merge", str(lock_file), "-o", str(tmp_path / "again"), "--quiet"])
+    assert same.exit_code == 0 and "warning" not in same.output, same.output
+    text = lock_file.read_text()
+    edited = text.replace("rng: counter-hash-v1", f"rng: {locked}" if locked else "")
+    assert edited != text
+    old = tmp_path / "old.lock.yaml"
+    old.write_text(edited)
+    rerun = CliRunner().invoke(main, ["merge", str(old), "-o", str(tmp_path / "rerun"), "--quiet"])
+    assert rerun.exit_code == 0, rerun.output
+    warning = [line for line in rerun.output.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "counter-hash-v1" in warning[0] and "bit for bit" in warning[0]
+    assert (locked or "no generator recorded") in warning[0]
+
+
 # --- GPU: the same bits on the device, made there --------------------------------------------------
 
 

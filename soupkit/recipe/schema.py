@@ -84,6 +84,7 @@ class Recipe(StrictModel):
     )
     seed: int = Field(default=0, description="Seed of every random choice (DARE drops, k-means init).")
     _root: Path = PrivateAttr(default_factory=Path.cwd)
+    _locked_versions: dict | None = PrivateAttr(default=None)  # a lock file's versions section, else None
 
     @model_validator(mode="after")
     def _check_names(self) -> Recipe:
@@ -109,6 +110,24 @@ class Recipe(StrictModel):
         """Validate a parsed recipe, method parameters included; errors are ``RecipeError``."""
         return validate_recipe(data, root or Path.cwd())
 
+    def generator_change(self) -> str | None:
+        """Why a rerun of this lock file cannot repeat its random draws bit for bit, or None.
+
+        The lock records the generator of its DARE/DELLA/KnOTS masks (``versions.rng``); another
+        generator draws other masks, so such a method gives another output from the same recipe."""
+        from soupkit.rng import RNG_NAME
+
+        if self._locked_versions is None:
+            return None
+        locked = self._locked_versions.get("rng")
+        if locked == RNG_NAME:
+            return None
+        was = f"generator '{locked}'" if locked else "an older soupkit (no generator recorded)"
+        return (
+            f"this lock file was written with {was}; this soupkit draws with '{RNG_NAME}', so methods with random "
+            "masks (dare_*, della, knots with dare_density) will not reproduce the locked output bit for bit"
+        )
+
     def resolved(self) -> dict:
         """The recipe with every default filled in, method parameters included (for the lock file)."""
         data = self.model_dump(mode="json", exclude={"merge"})
@@ -123,6 +142,7 @@ def validate_recipe(data: object, root: Path, label: str = "recipe") -> Recipe:
         raise RecipeError(
             label, "a mapping with base_model, adapters, merge", f"{type(data).__name__}", "see recipes/ for examples"
         )
+    lock = data.get("soupkit_lock")
     data = {k: v for k, v in data.items() if k != "soupkit_lock"}  # a lock file is a recipe plus this
     try:
         recipe = Recipe.model_validate(data)
@@ -135,6 +155,9 @@ def validate_recipe(data: object, root: Path, label: str = "recipe") -> Recipe:
     except ValidationError as err:
         raise to_recipe_error(err, label, ("merge",), Recipe, method.Params) from None
     recipe._root = root
+    if isinstance(lock, dict):
+        versions = lock.get("versions")
+        recipe._locked_versions = versions if isinstance(versions, dict) else {}
     return recipe
 
 
