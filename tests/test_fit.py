@@ -142,9 +142,10 @@ def test_gpu_loss_and_gradient_equal_cpu(constraint: str) -> None:
         with torch.no_grad():
             model.logits.copy_(init.to(model.logits.device))
         total, count = model(ids.to(device), torch.ones_like(ids).to(device), ids.to(device))
-        (total / count).backward()
+        loss = total / count
+        loss.backward()
         assert model.logits.device.type == device
-        results[device] = (float(total / count), model.logits.grad.detach().cpu())
+        results[device] = (loss.detach().item(), model.logits.grad.detach().cpu())
     assert results["cuda"][0] == pytest.approx(results["cpu"][0], rel=1e-5)
     assert float(results["cpu"][1].abs().max()) > 1e-4  # gradients with something to compare
     torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-3, atol=1e-6)
