@@ -191,7 +191,7 @@ def claim(path: Path) -> bool:
         return False
 
 
-def worker(cfg: Config, base_dir: Path, run_dir: Path, index: int, workers: int, deadline: float) -> None:
+def worker(cfg: Config, base_dir: Path, run_dir: Path, deadline: float) -> None:
     """Take (seed, adapter) training tasks, wait for every seed's adapters, then take rows from the queue."""
     if time.time() > deadline:
         return
@@ -273,16 +273,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     run_dir.mkdir(exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     deadline = args.deadline or T0 + 60 * args.minutes
-    if args.worker is None:  # a run cut short left claims on tasks it never finished: free them
-        for claims in run_dir.glob("seed*/claims"):
-            shutil.rmtree(claims)
     if args.worker is not None:
-        worker(cfg, base_dir, run_dir, args.worker, args.workers, deadline)
+        worker(cfg, base_dir, run_dir, deadline)
         return None
+    for claims in run_dir.glob("seed*/claims"):  # a run cut short left claims on tasks it never finished
+        shutil.rmtree(claims)
     if args.workers > 1:
         spawn_workers([*argv, "--deadline", str(deadline)], args.workers, args.out)
     else:
-        worker(cfg, base_dir, run_dir, 0, 1, deadline)
+        worker(cfg, base_dir, run_dir, deadline)
     command = "python -m examples.skill_composition.run " + " ".join(a for a in argv if a not in ("--out", str(args.out)))
     payload = {
         "command": command.strip(),
