@@ -137,7 +137,8 @@ def test_rerunning_a_lock_of_another_generator_warns(tmp_path: Path, locked: str
     text = lock_file.read_text()
     edited = text.replace("rng: counter-hash-v1", f"rng: {locked}" if locked else "")
     assert edited != text
-    old = tmp_path / "old.lock.yaml"
+    old = tmp_path / "old" / "soupkit.lock.yaml"  # beside out/: the lock's relative input paths still resolve
+    old.parent.mkdir()
     old.write_text(edited)
     rerun = CliRunner().invoke(main, ["merge", str(old), "-o", str(tmp_path / "rerun"), "--quiet"])
     assert rerun.exit_code == 0, rerun.output
