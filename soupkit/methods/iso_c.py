@@ -16,31 +16,19 @@ from typing import Any
 
 import torch
 
-from soupkit.methods._core import core_space, small_maths
-from soupkit.methods._dense import DenseParams
-from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, sum_rank_within
-from soupkit.methods.tsv import factors_from_svd, nonzero_triplets
+from soupkit.methods._core import core_space
+from soupkit.methods.base import LoraFactors, MergeResult
+from soupkit.methods.tsv import SpectralMerge, factors_from_svd, nonzero_triplets
 from soupkit.ops import concat_factors, factor_svd, svd
 
 
-class IsoC(MergeMethod):
+class IsoC(SpectralMerge):
     name = "iso_c"
-    space = "factors"
     paper = "No Task Left Behind: Isotropic Model Merging (Marczak et al., ICML 2025, arXiv 2502.04959)"
     summary = "SVD of sum_i w_i delta_i, every nonzero singular value replaced by their mean, x lambda; rank <= sum r_i"
-    Params = DenseParams
     identity_needs_flat_spectrum = True
 
-    def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
-        return sum_rank_within(input_ranks, budget)
-
-    def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
-        with small_maths(factors[0].A):
-            return self._merge(factors, weights, params, ctx)
-
-    def _merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
-        p: Any = params
-        rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
+    def merge_spectrum(self, factors: list[LoraFactors], weights: list[float], p: Any, rank: int) -> MergeResult:
         if p.space == "core":
             space = core_space(factors, weights)
             U_c, S, Vh_c = nonzero_triplets(*svd(sum(space.project(f, w) for f, w in zip(factors, weights, strict=True))))

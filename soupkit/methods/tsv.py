@@ -15,6 +15,7 @@ cap floor(R / T) may cut the larger adapters' spectra.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -75,25 +76,34 @@ def factors_from_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: i
     return MergeResult(LoraFactors(A=A.float(), B=B.float()), energy_fraction(S[order], k))
 
 
-class Tsv(MergeMethod):
-    name = "tsv"
+class SpectralMerge(MergeMethod):
+    """Shared by ``tsv`` and ``iso_c``: a rule on the singular triplets of the updates, computed exactly
+    from the factors; the output has rank <= sum r_i (or ``merge.rank``)."""
+
     space = "factors"
-    paper = "Task Singular Vectors: Reducing Task Interference in Model Merging (Gargiulo et al., CVPR 2025, arXiv 2412.00081)"
-    summary = (
-        "top singular triplets of each w_i delta_i, whiten U and V (polar factors), U_perp S V_perp^T x lambda; rank <= sum r_i"
-    )
     Params = DenseParams
 
     def output_rank(self, input_ranks: list[int], params: MethodParams, budget: int | None) -> int:
         return sum_rank_within(input_ranks, budget)
 
     def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
-        with small_maths(factors[0].A):
-            return self._merge(factors, weights, params, ctx)
-
-    def _merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
-        p: Any = params
         rank = self.output_rank([f.rank for f in factors], params, ctx.rank)
+        with small_maths(factors[0].A):
+            return self.merge_spectrum(factors, weights, params, rank)
+
+    @abstractmethod
+    def merge_spectrum(self, factors: list[LoraFactors], weights: list[float], params: Any, rank: int) -> MergeResult:
+        """Merge one module into a LoRA of rank ``rank`` (float64 maths, one CPU thread)."""
+
+
+class Tsv(SpectralMerge):
+    name = "tsv"
+    paper = "Task Singular Vectors: Reducing Task Interference in Model Merging (Gargiulo et al., CVPR 2025, arXiv 2412.00081)"
+    summary = (
+        "top singular triplets of each w_i delta_i, whiten U and V (polar factors), U_perp S V_perp^T x lambda; rank <= sum r_i"
+    )
+
+    def merge_spectrum(self, factors: list[LoraFactors], weights: list[float], p: Any, rank: int) -> MergeResult:
         if p.space == "core":
             space = core_space(factors, weights)
             parts = [nonzero_triplets(*svd(space.project(f, w))) for f, w in zip(factors, weights, strict=True)]
