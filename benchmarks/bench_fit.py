@@ -201,28 +201,9 @@ def report(rows: dict[str, tuple[float, int]], weights_bytes: int) -> None:
 
 def bench_dp(work: Path = Path("/tmp/fitdp")) -> None:
     """Same global batch (16) on 1 process (8 x accum 2) and 2 processes (8 each): compare weights, speed."""
-    from soupkit.testing import make_base, make_lora, tiny_llama_config
+    from benchmarks.bench_fit_fsdp import write_fit_workspace
 
-    work.mkdir(parents=True, exist_ok=True)
-    config = tiny_llama_config(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        max_position_embeddings=1024,
-    )
-    base = make_base(work / "base", seed=0, config=config)
-    for i, name in enumerate(["a", "b"]):
-        make_lora(base, work / name, seed=i + 1, r=32, lora_alpha=64, target_modules=TARGETS, b_scale=2.0)
-    (work / "r.yaml").write_text(
-        "base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n"
-    )
-    gen = torch.Generator().manual_seed(0)
-    chars = [chr(c) for c in range(32, 127)]
-    for split, n in (("train", 640), ("eval", 64)):
-        lines = ["".join(chars[i] for i in torch.randint(0, len(chars), (SEQ,), generator=gen).tolist()) for _ in range(n)]
-        (work / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    write_fit_workspace(work, SEQ)
     common = [
         "fit-alpha",
         "r.yaml",

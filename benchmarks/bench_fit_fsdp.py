@@ -341,6 +341,36 @@ def report(rows: list[dict]) -> dict:
     return summary
 
 
+def write_fit_workspace(work: Path, seq: int | None) -> None:
+    """The fit benchmarks' inputs in ``work``: an 8-layer Llama (hidden 1024) base, two rank-32 LoRAs
+    ``a`` and ``b`` on TARGETS, the CAT recipe ``r.yaml``, and with ``seq`` set, ``train.jsonl`` (640)
+    and ``eval.jsonl`` (64) of random printable text, ``seq`` characters each (seeded)."""
+    from soupkit.testing import make_base, make_lora, tiny_llama_config
+
+    work.mkdir(parents=True, exist_ok=True)
+    config = tiny_llama_config(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+    )
+    base = make_base(work / "base", seed=0, config=config)
+    for i, name in enumerate(["a", "b"]):
+        make_lora(base, work / name, seed=i + 1, r=32, lora_alpha=64, target_modules=TARGETS, b_scale=2.0)
+    (work / "r.yaml").write_text(
+        "base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n"
+    )
+    if seq is None:
+        return
+    gen = torch.Generator().manual_seed(0)
+    chars = [chr(c) for c in range(32, 127)]
+    for split, n in (("train", 640), ("eval", 64)):
+        lines = ["".join(chars[i] for i in torch.randint(0, len(chars), (seq,), generator=gen).tolist()) for _ in range(n)]
+        (work / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+
+
 def fit_runs(work: Path, seq: int) -> dict[str, list[str]]:
     """fit-alpha command lines: (name -> argv); 1-process runs use accumulation 2 for the same global batch."""
     common = [
@@ -392,28 +422,7 @@ def max_curve_diff(a: dict, b: dict) -> float:
 def bench_fsdp_check(work: Path = Path("/tmp/fitfsdp"), seq: int = 512) -> None:
     """fit-alpha through the committed accelerate FSDP2 config (2 processes) against 1 process, same
     global batch; bf16: 1-process repeat (run-to-run), another seed (seed spread), DDP (last turn's path)."""
-    from soupkit.testing import make_base, make_lora, tiny_llama_config
-
-    work.mkdir(parents=True, exist_ok=True)
-    config = tiny_llama_config(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        max_position_embeddings=1024,
-    )
-    base = make_base(work / "base", seed=0, config=config)
-    for i, name in enumerate(["a", "b"]):
-        make_lora(base, work / name, seed=i + 1, r=32, lora_alpha=64, target_modules=TARGETS, b_scale=2.0)
-    (work / "r.yaml").write_text(
-        "base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n"
-    )
-    gen = torch.Generator().manual_seed(0)
-    chars = [chr(c) for c in range(32, 127)]
-    for split, n in (("train", 640), ("eval", 64)):
-        lines = ["".join(chars[i] for i in torch.randint(0, len(chars), (seq,), generator=gen).tolist()) for _ in range(n)]
-        (work / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    write_fit_workspace(work, seq)
     runs = fit_runs(work, seq)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     # 1-process runs two at a time, one per GPU; then the 2-process runs
@@ -550,23 +559,8 @@ def bench_bf16_determinism(work: Path = Path("/tmp/fitdet"), seq: int = 512) -> 
 
     from soupkit.fit.model import build_fit_model
     from soupkit.recipe import load_recipe
-    from soupkit.testing import make_base, make_lora, tiny_llama_config
 
-    work.mkdir(parents=True, exist_ok=True)
-    config = tiny_llama_config(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        max_position_embeddings=1024,
-    )
-    base = make_base(work / "base", seed=0, config=config)
-    for i, name in enumerate(["a", "b"]):
-        make_lora(base, work / name, seed=i + 1, r=32, lora_alpha=64, target_modules=TARGETS, b_scale=2.0)
-    (work / "r.yaml").write_text(
-        "base_model: base\nadapters:\n  - {name: a, path: a}\n  - {name: b, path: b}\nmerge: {method: cat}\n"
-    )
+    write_fit_workspace(work, None)
     cuda = torch.cuda.is_available()
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     model, _ = build_fit_model(load_recipe(work / "r.yaml"), "module", "softmax", device, dtype)
