@@ -28,6 +28,7 @@ from soupkit.errors import SoupkitError
 from soupkit.execute import Inputs, RunOptions, iter_merged, resolve_device
 from soupkit.io.adapter import LoraAdapter
 from soupkit.io.base_model import BaseModelInfo, layer_of
+from soupkit.io.checkpoint_layout import meta_model
 from soupkit.io.resolve import TOKENIZER_FILES
 from soupkit.io.sharded import ByteRange, ShardedWriter, TensorSpec, read_range, tensor_ranges
 from soupkit.io.tensor_index import DTYPES
@@ -143,7 +144,7 @@ def tied_output_key(base: BaseModelInfo, plan: Plan) -> tuple[str, str] | None:
     A LoRA on a tied input embedding changes only the input side; folding it in would change the
     head too (the weight is shared), so the export unties: the head keeps the base weight.
     """
-    targeted = {f"{m.path}.weight" for m in plan.modules if m.sources and m.kind == "embedding"}
+    targeted = {base.weight_key(m.path) for m in plan.modules if m.sources and m.kind == "embedding"}
     if not targeted:
         return None
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -151,16 +152,20 @@ def tied_output_key(base: BaseModelInfo, plan: Plan) -> tuple[str, str] | None:
     config = AutoConfig.from_pretrained(base.directory)
     if not getattr(config.get_text_config(), "tie_word_embeddings", False):
         return None
-    with torch.device("meta"):  # module names only: no weights are allocated
-        model = AutoModelForCausalLM.from_config(config)
+    try:  # the class config.json names (a VLM is no AutoModelForCausalLM), else the causal LM
+        model = meta_model(base.directory, base.config)
+    except ValueError:
+        with torch.device("meta"):  # module names only: no weights are allocated
+            model = AutoModelForCausalLM.from_config(config)
     names = {id(module): name for name, module in model.named_modules()}
     head = model.get_output_embeddings()
     if head is None or id(head) not in names:
         return None
-    in_key = names[id(model.get_input_embeddings())] + ".weight"
+    in_key = base.checkpoint_key(names[id(model.get_input_embeddings())] + ".weight")
     if in_key not in targeted:  # e.g. GPT-2's position embeddings: not the tied one
         return None
-    return in_key, names[id(head)] + ".weight"
+    head_name = names[id(head)] + ".weight"
+    return in_key, base.checkpoint_key(head_name) or head_name  # a tied head is often not stored
 
 
 def copy_side_files(base: BaseModelInfo, tmp: Path, untie: bool) -> None:
@@ -328,7 +333,7 @@ def export_model(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pat
         ranges[tied[1]], infos[tied[1]] = ranges[tied[0]], infos[tied[0]]
     order = output_order(list(ranges), ranges)
     specs: dict[str, TensorSpec] = {key: (infos[key].dtype, infos[key].shape) for key in order}
-    targets = {f"{m.path}.weight": m for m in plan.modules if m.sources}
+    targets = {base.key_of[f"{m.path}.weight"]: m for m in plan.modules if m.sources}  # checkpoint key -> module
     check_dtypes(specs, targets)
     device = resolve_device(options.device)
     merged = release_per_layer(iter_merged(recipe, plan, inputs, device, options.progress), inputs.adapters)

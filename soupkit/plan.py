@@ -106,9 +106,9 @@ def _output_modules(adapters: list[LoraAdapter], base: BaseModelInfo) -> dict[st
         for spec in adapter.modules.values():
             kind_of_leaf[spec.path.rsplit(".", 1)[-1]] = spec.kind
     out = {}
-    for key, info in base.index.infos.items():
-        if key.endswith(".weight") and len(info.shape) == 2:
-            path = key[: -len(".weight")]
+    for name, key in base.key_of.items():
+        if name.endswith(".weight") and len(base.index.infos[key].shape) == 2:
+            path = name[: -len(".weight")]
             leaf = path.rsplit(".", 1)[-1]
             if leaf in kind_of_leaf:
                 out[path] = kind_of_leaf[leaf]
@@ -118,6 +118,7 @@ def _output_modules(adapters: list[LoraAdapter], base: BaseModelInfo) -> dict[st
 def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo, out_dtype: str) -> Plan:
     """Plan the merge from headers: validate shapes, resolve weights and ranks, order by layer."""
     method = get_method(recipe.merge.method)
+    base.adopt_module_paths([path for adapter in adapters for path in adapter.modules])
     for adapter in adapters:
         for spec in adapter.modules.values():
             base.check_module(adapter, spec)
@@ -138,7 +139,7 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
             if spec is not None:
                 nbytes = sum(adapter.index.infos[k].nbytes for k in (spec.a_key, spec.b_key))
                 sources.append(Source(i, spec.rank, module_weight(recipe, i, path, base.num_layers), nbytes))
-        shape = base.index.infos[f"{path}.weight"].shape
+        shape = base.index.infos[base.key_of[f"{path}.weight"]].shape
         transposed = kind == "embedding" or adapters[0].fan_in_fan_out
         d_out, d_in = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
         rank = method.output_rank([s.rank for s in sources], recipe.merge.params, recipe.merge.rank) if sources else 0

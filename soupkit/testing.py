@@ -49,12 +49,51 @@ def tiny_llama_config(**overrides: Any) -> Any:
     return LlamaConfig(**kwargs)
 
 
+def tiny_vlm_config(kind: str) -> Any:
+    """A tiny vision-language config over the tiny Llama / Qwen2 text model: ``llava``, ``llava_next`` or ``qwen2_vl``.
+
+    transformers 5 saves llava-style models under ``language_model.model.layers.N...`` and qwen2_vl under
+    ``model.layers.N...``, while the modules live at ``model.language_model.layers.N...``.
+    """
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig, Qwen2VLConfig
+
+    text = tiny_llama_config().to_dict()
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    ).to_dict()
+    image_token = len(SPECIAL) + len(CHARS) - 1  # "\n": never in the tests' text
+    if kind == "llava":
+        return LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token)
+    if kind == "llava_next":
+        return LlavaNextConfig(
+            text_config=text, vision_config=vision, image_token_index=image_token, image_grid_pinpoints=[[16, 16]]
+        )
+    if kind == "qwen2_vl":
+        text = dict(text, model_type="qwen2_vl_text", rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]})
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2)
+        ids = dict(image_token_id=image_token, video_token_id=image_token - 1, vision_start_token_id=image_token - 2)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    raise ValueError(f"unknown tiny VLM {kind!r}")
+
+
+def model_class(directory: Path) -> Any:
+    """The transformers class a saved model's config.json names (``architectures[0]``)."""
+    import json
+
+    import transformers
+
+    return getattr(transformers, json.loads((directory / "config.json").read_text())["architectures"][0])
+
+
 def make_base(out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, config: Any = None, **save_kwargs: Any) -> Path:
-    """Write a random-init causal LM (default: tiny Llama) and a char tokenizer to ``out``."""
-    from transformers import AutoModelForCausalLM
+    """Write a random-init model (default: tiny Llama; a VLM config builds its conditional-generation model)
+    and a char tokenizer to ``out``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config or tiny_llama_config())
+    config = config or tiny_llama_config()
+    vlm = getattr(config, "vision_config", None) is not None
+    model = (AutoModelForImageTextToText if vlm else AutoModelForCausalLM).from_config(config)
     model = model.to(dtype)
     model.save_pretrained(out, safe_serialization=True, **save_kwargs)
     char_tokenizer().save_pretrained(out)
@@ -74,11 +113,13 @@ def make_lora(
     b_scale: float = 0.5,
     **lora_kwargs: Any,
 ) -> Path:
-    """Write a PEFT LoRA adapter for ``base`` with random non-zero A and B (seeded)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    """Write a PEFT LoRA adapter for ``base`` with random non-zero A and B (seeded).
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    Copies of ``modules_to_save`` get seeded noise too, so each adapter saves a trained module.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    model = model_class(base).from_pretrained(base, dtype=torch.float32)
     config = LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
@@ -94,6 +135,8 @@ def make_lora(
             if "lora_" in name:
                 scale = b_scale if ("lora_B" in name or "embedding_B" in name) else 1.0
                 param.copy_(torch.randn(param.shape, generator=gen) * scale / param.shape[-1] ** 0.5)
+            elif "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
     peft_model.save_pretrained(out)
     _relative_base_reference(out, base)
     return out

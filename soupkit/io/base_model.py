@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from soupkit.errors import AdapterError, SoupkitError, UnsupportedAdapterError
 from soupkit.io.adapter import LoraAdapter, ModuleSpec
+from soupkit.io.checkpoint_layout import CheckpointLayout, checkpoint_layout
 from soupkit.io.tensor_index import TensorIndex
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -55,11 +57,50 @@ class BaseModelInfo:
         self.num_layers: int = int(
             text_config.get("num_hidden_layers") or text_config.get("n_layer") or (max(layers) + 1 if layers else 0)  # type: ignore[type-var]
         )
+        # module-path tensor name -> checkpoint key; the identity until adopt_module_paths finds renamed keys
+        self.key_of: dict[str, str] = {key: key for key in index.keys()}
+        self._layout: CheckpointLayout | None = None
+
+    def layout(self) -> CheckpointLayout:
+        """transformers' renaming of this checkpoint's keys (built once, on first need: it imports transformers)."""
+        if self._layout is None:
+            self._layout = checkpoint_layout(self.directory, self.config, list(self.index.keys()))
+        return self._layout
+
+    def adopt_module_paths(self, paths: list[str]) -> None:
+        """Name tensors by module path (``model.language_model.layers.0...``) when the adapters do.
+
+        A checkpoint saved under other keys (llava's ``language_model.model.layers.0...``) is read
+        through transformers' own renaming. Adapters whose paths are the checkpoint's keys keep the
+        identity (the naming that finds more of the paths wins); a path found in neither is reported
+        by ``check_module``.
+        """
+        if all(f"{p}.weight" in self.index for p in paths):
+            return
+        renamed = self.layout().model_to_checkpoint
+        found = sum(f"{p}.weight" in renamed for p in paths)
+        if found > sum(f"{p}.weight" in self.index for p in paths):
+            self.key_of = dict(renamed)
 
     def weight_key(self, path: str) -> str | None:
-        """The base tensor updated by module ``path`` (``path.weight``), if the base has it."""
+        """The checkpoint key of the base tensor updated by module ``path`` (``path.weight``), if the base has it."""
+        return self.key_of.get(f"{path}.weight")
+
+    def checkpoint_key(self, name: str) -> str | None:
+        """The checkpoint key of model parameter ``name`` (as ``named_parameters`` spells it), if stored."""
+        if name in self.key_of:
+            return self.key_of[name]
+        return self.layout().model_to_checkpoint.get(name)
+
+    def missing_tensor(self, path: str) -> str:
+        """What to say when ``path.weight`` is not in the base: the key looked for and the nearest stored names."""
         key = f"{path}.weight"
-        return key if key in self.index else None
+        names = set(self.key_of) | set(self.index.keys())
+        leaf = key.rsplit(".", 2)[-2]
+        near = difflib.get_close_matches(key, [n for n in names if f".{leaf}." in f".{n}"] or names, n=2, cutoff=0.0)
+        layout = self.layout()
+        how = f"renamed as transformers loads {layout.architecture}" if layout.architecture else (layout.problem or "")
+        return f"no tensor {key} in the base ({how}); nearest: {', '.join(near) or 'none'}"
 
     def check_module(self, adapter: LoraAdapter, spec: ModuleSpec) -> None:
         """Refuse a module whose factor shapes do not fit the base weight (names both shapes)."""
@@ -73,8 +114,8 @@ class BaseModelInfo:
             )
             raise AdapterError(
                 where,
-                f"a base tensor {spec.path}.weight",
-                f"none in the base model{tied}",
+                f"a base tensor for module {spec.path}",
+                f"{self.missing_tensor(spec.path)}{tied}",
                 "check that the adapter was trained on this base",
             )
         base_shape = self.index.infos[key].shape
