@@ -11,6 +11,20 @@ from soupkit.errors import Interrupted, SoupkitError
 from soupkit.io.output_lock import stop_on_signals
 
 
+def recipe_stem(recipe: Path) -> str:
+    """The recipe's name for default output names ('recipe' for one read from stdin)."""
+    from soupkit.recipe.load import reads_stdin
+
+    return "recipe" if reads_stdin(recipe) else recipe.stem
+
+
+def recipe_file(recipe: Path) -> Path | None:
+    """The recipe as a file the outputs must keep apart from (None for stdin)."""
+    from soupkit.recipe.load import reads_stdin
+
+    return None if reads_stdin(recipe) else recipe
+
+
 def examples(*commands: str) -> str:
     """An epilog of example commands that click prints as written (``\\b``: no re-wrapping mid-word)."""
     return "\b\nExamples:\n" + "\n".join(f"  {c}" for c in commands)
@@ -19,8 +33,8 @@ def examples(*commands: str) -> str:
 class SoupkitGroup(click.Group):
     """Prints user errors as one line on stderr and exits 2, without a traceback.
 
-    SIGINT and SIGTERM stop a command cleanly (its temporary output and lock are removed on the
-    way out) and exit 130 / 143 with one line.
+    SIGINT, SIGTERM and SIGHUP stop a command cleanly (its temporary output and lock are removed on the
+    way out) and exit 130 / 143 / 129 with one line.
     """
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -89,10 +103,10 @@ def merge(
         click.echo(f"warning: {recipe}: {change}", err=True)
     if output_type:
         loaded = loaded.model_copy(update={"output": output_type})
-    given, out = out, out or Path(f"{recipe.stem}-merged")
+    given, out = out, out or Path(f"{recipe_stem(recipe)}-merged")
     options = RunOptions(device, overwrite, dry_run, not quiet, shard_bytes=parse_size(shard_size))
     # a dry run checks an -o it was given (docs/safety.md), and writes nothing
-    report = merge_recipe(loaded, given if dry_run else out, options, recipe_file=recipe)
+    report = merge_recipe(loaded, given if dry_run else out, options, recipe_file=recipe_file(recipe))
     plan = report.plan
     if dry_run:
         click.echo(f"dry run: {len(plan.modules)} modules, rank {plan.rank}, would write {human_bytes(plan.bytes_written)}")
@@ -155,8 +169,8 @@ def analyze(recipe: Path, out: Path | None, dense: bool, no_base: bool, overwrit
     from soupkit.recipe import load_recipe
 
     loaded = load_recipe(recipe)
-    out = out or Path(f"{recipe.stem}-analysis")
-    result = analyze_to(loaded, out, dense=dense, base_norms=not no_base, overwrite=overwrite, recipe_file=recipe)
+    out = out or Path(f"{recipe_stem(recipe)}-analysis")
+    result = analyze_to(loaded, out, dense=dense, base_norms=not no_base, overwrite=overwrite, recipe_file=recipe_file(recipe))
     click.echo(format_table(result))
     click.echo(f"wrote {out}/analysis.json, table.md and one heatmap per statistic")
 
@@ -177,7 +191,9 @@ def inspect(adapter: Path) -> None:
     from soupkit.describe import describe_adapter
 
     if not adapter.is_dir():
-        raise SoupkitError(str(adapter), "an adapter directory", "no such directory", "check the path")
+        found = f"a file ({adapter.name})" if adapter.exists() else "no such directory"
+        fix = "point at the folder that holds it" if adapter.exists() else "check the path"
+        raise SoupkitError(str(adapter), "an adapter directory", found, fix)
     click.echo(describe_adapter(adapter))
 
 

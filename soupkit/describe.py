@@ -59,12 +59,12 @@ def param_lines(params: type[BaseModel]) -> list[str]:
 
 def describe_methods(verbose: bool = True) -> str:
     """Every registered method: name, space, formula, parameters, paper."""
+    if not verbose:  # one aligned row per method
+        return "\n".join(format_table([(name, f"[{m.space}]", m.summary) for name, m in sorted(REGISTRY.items())]))
     blocks = []
     for name, method in sorted(REGISTRY.items()):
-        lines = [f"{name}  [{method.space}]  {method.summary}"]
-        if verbose:
-            lines.append(f"    paper: {method.paper}")
-            lines += [f"    {line}" for line in param_lines(method.Params)] or ["    (no parameters beyond weights and rank)"]
+        lines = [f"{name}  [{method.space}]  {method.summary}", f"    paper: {method.paper}"]
+        lines += [f"    {line}" for line in param_lines(method.Params)] or ["    (no parameters beyond weights and rank)"]
         blocks.append("\n".join(lines))
     return "\n".join(blocks)
 
@@ -94,13 +94,17 @@ def describe_plan(recipe: Recipe, plan: Plan) -> str:
             f"targets {', '.join(plan.target_modules)}"
         ),
     ]
-    rows: list[Sequence[object]] = [("module", "shape", "rank in", "out", "sources (rank, weight)")]
+    rows: list[Sequence[object]] = [("module", "shape", "merged rank", "written r", "sources (rank, weight)")]
     for layer in plan.layers:
         rows.append((f"layer {layer.index}:" if layer.index is not None else "outside layers:",))
         for m in layer.modules:
             srcs = ", ".join(f"{names[s.adapter]}(r={s.rank}, w={s.weight:g})" for s in m.sources) or "none (zeros)"
             rows.append((f"  {m.path}", f"{m.d_out}x{m.d_in}", m.rank, plan.rank, srcs))
     lines += format_table(rows, right=(2, 3))
+    lines.append(
+        "merged rank: the rank of the module's merged update (merge.rank, else the method's default, at most "
+        "min(d_out, d_in)); written r: the output's one rank, to which smaller modules are zero-padded"
+    )
     lines.append(
         f"read {human_bytes(plan.bytes_read)}, write {human_bytes(plan.bytes_written)}, "
         f"estimated peak working memory {human_bytes(plan.peak_bytes)} (one module at a time)"

@@ -64,7 +64,7 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived: raised in the main thread so every cleanup runs (see io.output_lock).
+    """SIGINT, SIGTERM or SIGHUP arrived: raised in the main thread so every cleanup runs (see io.output_lock).
 
     A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it.
 
@@ -81,7 +81,7 @@ class Interrupted(BaseException):
 
     @property
     def exit_code(self) -> int:
-        """128 + the signal number, as a shell reports a process a signal stopped (130, 143)."""
+        """128 + the signal number, as a shell reports a process a signal stopped (130, 143, 129)."""
         return 128 + self.signum
 
     def line(self) -> str:

@@ -50,7 +50,7 @@ def open_inputs(recipe: Recipe) -> Inputs:
         recipe.base_model, recipe.root, "base_model", "base+tokenizer" if recipe.output == "model" else "base"
     )
     adapters = [
-        LoraAdapter(spec.name, resolve_reference(spec.path, recipe.root, f"adapters.{i}.path"))
+        LoraAdapter(spec.name, resolve_reference(spec.path, recipe.root, f"adapters[{i}].path"))
         for i, spec in enumerate(recipe.adapters)
     ]
     check_same_base(adapters)
@@ -129,7 +129,7 @@ def run_inputs(recipe: Recipe, plan: Plan, inputs: Inputs, device: torch.device)
     def modules() -> Iterator[ModuleInputs]:
         for module in plan.modules:
             if module.sources:
-                ctx = MergeContext(module.path, recipe.merge.rank, recipe.seed, device, None, source_names(recipe, module))
+                ctx = MergeContext(module.path, module.budget, recipe.seed, device, None, source_names(recipe, module))
                 yield ModuleInputs(ctx, load_sources(inputs, module, device), [s.weight for s in module.sources])
 
     return RunInputs(len(inputs.adapters), modules)
@@ -156,7 +156,7 @@ def iter_merged(
                 yield module, zeros, None
                 continue
             factors = load_sources(inputs, module, device)
-            ctx = MergeContext(module.path, recipe.merge.rank, recipe.seed, device, state, source_names(recipe, module))
+            ctx = MergeContext(module.path, module.budget, recipe.seed, device, state, source_names(recipe, module))
             result = method.merge(factors, [s.weight for s in module.sources], recipe.merge.params, ctx)
             for name, factor in (("A", result.factors.A), ("B", result.factors.B)):  # float32 overflow of huge weights
                 check_finite_cast(factor, factor, f"module {module.path} (merged {name}, float32)")

@@ -40,6 +40,7 @@ class ModulePlan:
     d_out: int
     sources: tuple[Source, ...]
     rank: int  # the method's rank for this module, before zero-padding to Plan.rank
+    budget: int | None = None  # the rank the method is asked for: merge.rank, or the min(d_out, d_in) cap; None: its default
 
     def peak_bytes(self, dense: bool, out_rank: int) -> int:
         """Working memory to merge this module in float32: inputs, output, dense buffers if any."""
@@ -143,7 +144,10 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
         transposed = kind == "embedding" or adapters[0].fan_in_fan_out
         d_out, d_in = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
         rank = method.output_rank([s.rank for s in sources], recipe.merge.params, recipe.merge.rank) if sources else 0
-        modules.append(ModulePlan(path, kind, layer_of(path), d_in, d_out, tuple(sources), rank))
+        budget = recipe.merge.rank
+        if budget is None and method.uses_rank and rank > min(d_in, d_out):  # capped like an explicit rank: no zero rows
+            rank = budget = min(d_in, d_out)
+        modules.append(ModulePlan(path, kind, layer_of(path), d_in, d_out, tuple(sources), rank, budget))
 
     check_rank_budget(recipe, method, modules)
     check_module_globs(recipe, [m.path for m in modules])

@@ -292,16 +292,30 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         recipe_case(lambda r: r["adapters"][0].update(weight="heavy")),
         "adapters[0].weight: expected a number or a list, found 'heavy'",
     ),
-    ("weight_empty_list", recipe_case(lambda r: r["adapters"][0].update(weight=[])), "at least one value"),
+    (
+        "weight_empty_list",
+        recipe_case(lambda r: r["adapters"][0].update(weight=[])),
+        "adapters[0].weight: expected a number or a list of at least one number, found an empty list []",
+    ),
     ("missing_base_model", recipe_case(lambda r: r.pop("base_model")), "add 'base_model'"),
     ("no_adapters", recipe_case(lambda r: r.update(adapters=[])), "adapters"),
     ("duplicate_names", recipe_case(lambda r: r["adapters"][1].update(name="math")), "duplicate adapter name 'math'"),
+    (
+        "duplicate_names_say_where",
+        recipe_case(lambda r: r["adapters"][1].update(name="math")),
+        "recipe.yaml: adapters[1].name: expected a name no other adapter has, found duplicate",
+    ),
     ("rank_zero", recipe_case(lambda r: r["merge"].update(rank=0)), "merge.rank"),
     ("bad_dtype", recipe_case(lambda r: r.update(dtype="float8")), "dtype"),
     (
         "override_unknown_adapter",
         recipe_case(lambda r: r["merge"].update(modules=[{"match": "*", "weights": {"maths": 1}}])),
         "did you mean 'math'",
+    ),
+    (
+        "override_unknown_adapter_where",
+        recipe_case(lambda r: r["merge"].update(modules=[{"match": "*", "weights": {"maths": 1}}])),
+        "merge.modules[0].weights.maths: expected an adapter name, one of math, code, found 'maths'",
     ),
     ("cat_given_density", recipe_case(lambda r: r["merge"].update(density=0.5)), "unknown key 'density'"),
     ("density_out_of_range", density_case, "density"),
@@ -364,7 +378,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ),
     ("value_1mb_echo_short", recipe_case(lambda r: r["adapters"][0].update(weight="x" * 2**20)), "found 'xxxx"),
     ("method_name_1mb", recipe_case(lambda r: r["merge"].update(method="x" * 2**20)), "merge.method: expected one of"),
-    ("adapter_path_1mb", recipe_case(lambda r: r["adapters"][0].update(path="a/" * 2**19)), "adapters.0.path"),
+    ("adapter_path_1mb", recipe_case(lambda r: r["adapters"][0].update(path="a/" * 2**19)), "adapters[0].path"),
     ("recipe_10mb", recipe_case(lambda r: r["adapters"][0].update(weight="x" * 10 * 2**20)), "a recipe of at most 4 MB"),
     ("alias_bomb", lambda d: merge_args(d, ALIAS_BOMB), "an alias bomb"),
     ("alias_recursive", lambda d: merge_args(d, "a: &a [1, *a]\n"), "an alias bomb"),
@@ -379,6 +393,16 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         "a second 'weight'",
     ),
     ("deep_nesting", lambda d: merge_args(d, "[" * 50_000), "nesting"),
+    (
+        "integer_of_5000_digits",
+        raw_recipe_case(lambda t: t.replace("weight: 1.0", "weight: " + "9" * 5000, 1)),
+        "recipe.yaml:5: expected a number of at most 4300 digits",
+    ),
+    ("seed_of_5000_digits_validate", raw_recipe_case(lambda t: t + "seed: " + "1" * 5000 + "\n", "validate"), "4300 digits"),
+    # YAML 1.2 numbers: 2e1 is the number 20 (YAML 1.1 read the string '2e1'), so it is judged as a density
+    ("density_exponent_is_a_number", method_case("ties", density="2e1"), "merge.density: expected a number <= 1.0, found 20.0"),
+    ("recipe_is_a_directory", lambda d: ["merge", str(TINY), "-o", str(d / "out")], "expected a recipe file, found a directory"),
+    ("inspect_a_file", lambda d: ["inspect", str(TINY / "base" / "config.json")], "found a file (config.json)"),
     # fit-alpha reads its data before the base model
     ("fit_data_typo", fit_data_typo, "no such file"),
     ("fit_data_typo_did_you_mean", fit_data_typo, "did you mean 'calib.jsonl'"),
@@ -526,3 +550,69 @@ def test_no_code_execution_paths_in_the_package(what: str) -> None:
         if pattern.search(line) and not line.lstrip().startswith("#")
     ]
     assert hits == [], hits
+
+
+# ---- inputs that must work (each failed before issue 24) ---------------------------------------
+
+
+def test_yaml_12_numbers_are_numbers(tmp_path: Path) -> None:
+    """`weight: 1e6` and `density: 2e-1` are numbers (YAML 1.2), not the strings PyYAML's YAML 1.1 made of them."""
+    from soupkit.recipe import load_recipe
+
+    text = yaml.safe_dump(tiny_recipe("ties", density=0.5), sort_keys=False)
+    path = recipe_file(tmp_path, text.replace("weight: 1.0", "weight: 1e6", 1).replace("density: 0.5", "density: 2e-1"))
+    recipe = load_recipe(path)
+    assert recipe.adapters[0].weight == 1e6 and recipe.merge.params.density == 0.2  # type: ignore[attr-defined]
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("name", ["-", "/dev/stdin"])
+def test_recipe_from_stdin_resolves_paths_from_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    shutil.copytree(TINY / "adapters" / "math", tmp_path / "math")
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe("cat")
+    recipe["adapters"] = [{"name": "math", "path": "math"}]  # relative: to the current folder
+    before = tree_hashes(tmp_path)
+    result = CliRunner().invoke(main, ["merge", name, "-o", "out", "--quiet"], input=yaml.safe_dump(recipe))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert {k: v for k, v in tree_hashes(tmp_path).items() if not k.startswith("out/")} == before
+
+
+def test_default_output_rank_is_capped_like_an_explicit_one(tmp_path: Path) -> None:
+    """Nine rank-8 adapters under ties: the default rank (sum 72) is capped at min(d_out, d_in) = 64.
+
+    Before, r was 72 and every 64x64 module carried at least 8 all-zero rows in A (a 64x64 matrix has rank <= 64).
+    """
+    recipe = tiny_recipe("ties")
+    code = recipe["adapters"][1]
+    recipe["adapters"] = [{**code, "name": f"code{i}"} for i in range(9)]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, merge_args(tmp_path, recipe))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 64
+    tensors = load_file(out / WEIGHTS)
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (64, 64)
+
+
+def test_methods_brief_is_aligned() -> None:
+    lines = CliRunner().invoke(main, ["methods", "--brief"]).output.splitlines()
+    starts = {line.index("[") for line in lines}
+    summaries = {line.index("]") + 3 for line in lines}
+    assert len(lines) >= 10 and len(starts) == 1 and all(line[max(summaries) - 1] == " " for line in lines)
+
+
+def test_plan_explains_its_rank_columns() -> None:
+    out = CliRunner().invoke(main, ["plan", str(Path(__file__).parents[1] / "recipes" / "ties.yaml")]).output
+    assert "merged rank" in out and "written r" in out and "rank in" not in out
+    assert "merged rank: the rank of the module's merged update" in out
+
+
+def test_docs_site_lists_each_page_once() -> None:
+    nav = yaml.safe_load((Path(__file__).parents[1] / "mkdocs.yml").read_text())["nav"]
+    pages = [page for entry in nav for page in entry.values()]
+    assert len(pages) == len(set(pages)), pages

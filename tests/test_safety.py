@@ -443,8 +443,8 @@ def test_two_runs_into_one_out_one_wins_the_other_names_it(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(
     "sig, overwrite, recipe_name",
-    [(signal.SIGTERM, False, "model_recipe"), (signal.SIGINT, True, "recipe")],
-    ids=["sigterm-full-model", "sigint-overwrite-adapter"],
+    [(signal.SIGTERM, False, "model_recipe"), (signal.SIGINT, True, "recipe"), (signal.SIGHUP, False, "recipe")],
+    ids=["sigterm-full-model", "sigint-overwrite-adapter", "sighup-adapter"],
 )
 def test_signal_mid_export_removes_temporary_output_and_lock(tmp_path: Path, sig: int, overwrite: bool, recipe_name: str) -> None:
     world = World(tmp_path)

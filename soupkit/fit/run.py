@@ -34,6 +34,7 @@ from soupkit.io.output_guard import (
 from soupkit.io.output_markers import FITTED_HEADER
 from soupkit.io.resolve import resolve_reference
 from soupkit.recipe import Recipe, load_recipe
+from soupkit.recipe.load import reads_stdin
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class FitOutcome:
 
 
 def default_paths(recipe_path: Path, out: Path | None, report_dir: Path | None) -> tuple[Path, Path]:
-    out = out or Path(f"{recipe_path.stem}-fitted.yaml")
+    out = out or Path(f"{'recipe' if reads_stdin(recipe_path) else recipe_path.stem}-fitted.yaml")
     return out, report_dir or out.parent / f"{out.stem}-report"
 
 
@@ -108,10 +109,11 @@ def fit_output_targets(
     check_disjoint(targets)
     folders = [("base model", resolve_reference(recipe.base_model, recipe.root, "base_model", "base+tokenizer"))]
     folders += [
-        (f"adapter '{a.name}'", resolve_reference(a.path, recipe.root, f"adapters.{i}.path"))
+        (f"adapter '{a.name}'", resolve_reference(a.path, recipe.root, f"adapters[{i}].path"))
         for i, a in enumerate(recipe.adapters)
     ]
-    files = [("recipe file", recipe_path)] + [("data file", Path(d)) for d in data if d and Path(d).expanduser().exists()]
+    files = [] if reads_stdin(recipe_path) else [("recipe file", recipe_path)]
+    files += [("data file", Path(d)) for d in data if d and Path(d).expanduser().exists()]
     for target in targets:
         check_apart(target, folders, files)
         check_replaceable(target, overwrite)
@@ -135,7 +137,8 @@ def write_fitted(
     fitted = fitted_recipe_data(recipe_path, recipe, weights, out)
     Recipe.from_dict(fitted, out.parent)  # what we write must load as a recipe
     if accelerator.is_main_process:
-        header = f"{FITTED_HEADER} from {recipe_path.name} ({options.search}); see {targets[1].given}"
+        source = "stdin" if reads_stdin(recipe_path) else recipe_path.name
+        header = f"{FITTED_HEADER} from {source} ({options.search}); see {targets[1].given}"
         with atomic_dir(targets[1], overwrite) as tmp:
             write_report(tmp, build_report(state, options, weights, names), state.weights, model.targets, names)
         atomic_file(targets[0], overwrite, f"{header}\n" + yaml.safe_dump(fitted, sort_keys=False))
@@ -269,8 +272,7 @@ def peak_host_rss(accelerator: Any) -> int:
 
 def fitted_recipe_data(recipe_path: Path, recipe: Recipe, weights: dict[str, dict[str, float]], out: Path) -> dict:
     """The input recipe's YAML with local paths re-based to ``out``'s folder and per-module overrides appended."""
-    data = yaml.safe_load(recipe_path.read_text())
-    data.pop("soupkit_lock", None)
+    data = recipe.source_data()  # as parsed (YAML 1.2 numbers; a recipe read from stdin is not re-read)
     target = out.resolve().parent
     data["base_model"] = _rebase(recipe.base_model, recipe.root, target)
     for spec in data["adapters"]:

@@ -1,4 +1,4 @@
-"""One writer per output, and clean stops: the lock file beside an output, and SIGINT/SIGTERM handling.
+"""One writer per output, and clean stops: the lock file beside an output, and SIGINT/SIGTERM/SIGHUP handling.
 
 Used by :mod:`soupkit.io.output_guard` (the data-safety contract; docs/safety.md).
 """
@@ -99,10 +99,13 @@ def _read_holder(fd: int) -> str:
     return "another soupkit process"
 
 
-class _Signals:
-    """SIGINT/SIGTERM raise :class:`Interrupted` in the main thread, except while an output is being published.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each stops a run cleanly
 
-    Raising (instead of dying, SIGTERM's default) runs every ``finally`` on the way out: the
+
+class _Signals:
+    """SIGINT/SIGTERM/SIGHUP raise :class:`Interrupted` in the main thread, except while an output is being published.
+
+    SIGHUP comes when the terminal closes or an ssh session drops. Raising (instead of dying, the default) runs every ``finally`` on the way out: the
     temporary output is removed and the lock released. A second signal during that cleanup is
     ignored so that the cleanup itself is not cut short.
     """
@@ -128,7 +131,7 @@ class _Signals:
             return
         if not self.installed:
             self.received = None
-            self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.previous = {s: signal.signal(s, self.handler) for s in STOP_SIGNALS}
         self.installed += 1
         try:
             yield

@@ -9,6 +9,7 @@ import re
 from typing import get_args
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
 
 from soupkit.errors import RecipeError, did_you_mean
 from soupkit.recipe.safe_yaml import shown
@@ -66,6 +67,17 @@ LIMITS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "le
 UNION_TAG = re.compile(r"^(float|int|str|bool|none|[a-z]+\[.*\]|function-.*)$")  # pydantic's names of union members
 
 
+RULE = "recipe_rule"  # a schema validator's own error: says what it expected and found (``recipe_rule``)
+
+
+def recipe_rule(expected: str, found: str, fix: str, at: str | None = None) -> PydanticCustomError:
+    """An error for a schema validator to raise, read back as one ``where: expected X, found Y; fix`` line.
+
+    ``at`` names the field when the validator sits above it (a model validator judging ``adapters[1].name``).
+    """
+    return PydanticCustomError(RULE, "{found}", {"expected": expected, "found": found, "fix": fix, "at": at or ""})
+
+
 def recipe_path(loc: tuple) -> str:
     """``('adapters', 0, 'weight', 1)`` -> ``adapters[0].weight[1]`` (union member names dropped)."""
     text = ""
@@ -96,6 +108,9 @@ def _one_line(loc: tuple, error: dict, label: str, root: type[BaseModel], params
         return RecipeError(where, f"one of {', '.join(valid)}", found, "rename or remove it")
     if kind == "missing":
         return RecipeError(where, "a value", "nothing", f"add '{loc[-1]}'")
+    if kind == RULE:
+        ctx = error["ctx"]
+        return RecipeError(f"{label}: {ctx['at'] or recipe_path(loc)}", ctx["expected"], ctx["found"], ctx["fix"])
     if kind == "value_error":
         return RecipeError(where, "a valid value", msg.removeprefix("Value error, "), "fix the recipe")
     return RecipeError(where, _expected(error), shown(value), "fix the recipe (see `soupkit validate --help`)")

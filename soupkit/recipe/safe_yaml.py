@@ -5,12 +5,18 @@
 - alias bombs: ``a: &a [x, x, ...]``, ``b: &b [*a, *a, ...]`` ... is a few hundred bytes that
   expands to billions of values once anything walks it (validation, error messages);
 - huge files. A fitted recipe for an 80-layer model with 50 adapters is under 1 MB.
+
+Numbers follow YAML 1.2 (core schema), not PyYAML's YAML 1.1: ``1e6`` and ``2e-1`` are numbers, ``017``
+is seventeen, and ``1_000`` or ``1:20`` are strings. An integer of more than Python's 4300 digits is refused.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -33,7 +39,63 @@ def shown(value: object, limit: int = 80) -> str:
 
 
 # libyaml's parser where PyYAML has it (a 4 MB file parses in well under a second; the Python one takes seconds)
-SAFE_PARSER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+INT_TAG, FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+# YAML 1.2 core schema (https://yaml.org/spec/1.2.2/#1032-tag-resolution)
+YAML12_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+YAML12_FLOAT = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+
+
+class SafeParser(_BASE_LOADER):  # type: ignore[misc,valid-type]
+    """PyYAML's safe loader with YAML 1.2 number resolution (``1e6`` is a float, as users write it)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (INT_TAG, FLOAT_TAG)]
+        for first, resolvers in _BASE_LOADER.yaml_implicit_resolvers.items()
+    }
+    yaml_constructors = dict(_BASE_LOADER.yaml_constructors)
+
+
+def _construct_int(loader: yaml.BaseLoader, node: ScalarNode) -> int:
+    text = str(node.value)
+    base = 16 if text.startswith("0x") else 8 if text.startswith("0o") else 10
+    try:
+        return int(text[2:] if base != 10 else text, base)
+    except ValueError:
+        if base == 10 and YAML12_INT.match(text):  # Python refuses int() of more than 4300 digits
+            raise RecipeError(
+                f"{loader.name}:{node.start_mark.line + 1}",
+                f"a number of at most {sys.get_int_max_str_digits() or 4300} digits",
+                f"an integer of {len(text)} characters",
+                "shorten it",
+            ) from None
+        raise yaml.constructor.ConstructorError(None, None, f"not an integer: {shown(text)}", node.start_mark) from None
+
+
+def _construct_float(loader: yaml.BaseLoader, node: ScalarNode) -> float:
+    text = str(node.value).lower()
+    if text.endswith(".inf"):
+        return -math.inf if text.startswith("-") else math.inf
+    if text == ".nan":
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(None, None, f"not a number: {shown(text)}", node.start_mark) from None
+
+
+for _first in "-+0123456789.":
+    SafeParser.yaml_implicit_resolvers.setdefault(_first, [])
+    SafeParser.yaml_implicit_resolvers[_first] = [
+        (INT_TAG, YAML12_INT),
+        (FLOAT_TAG, YAML12_FLOAT),
+        *SafeParser.yaml_implicit_resolvers[_first],
+    ]
+SafeParser.add_constructor(INT_TAG, _construct_int)
+SafeParser.add_constructor(FLOAT_TAG, _construct_float)
+SAFE_PARSER = SafeParser
 
 
 def check_duplicate_keys(node: MappingNode, source: str) -> None:
@@ -96,17 +158,32 @@ def read_recipe_yaml(path: Path) -> object:
     """The parsed YAML of a recipe file; every problem is a one-line RecipeError."""
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
-        raise RecipeError(
-            str(path),
-            f"a recipe of at most {MAX_RECIPE_BYTES // 2**20} MB",
-            f"{size / 2**20:.1f} MB",
-            "is this the recipe file? shorten it",
-        )
+        raise _too_large(str(path), f"{size / 2**20:.1f} MB")
+    return parse_recipe_yaml(path.read_bytes(), str(path))
+
+
+def read_recipe_stream(stream: BinaryIO, source: str) -> object:
+    """The parsed YAML of a recipe read from stdin or a pipe (at most MAX_RECIPE_BYTES + 1 bytes are read)."""
+    data = stream.read(MAX_RECIPE_BYTES + 1)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise _too_large(source, "more")
+    return parse_recipe_yaml(data, source)
+
+
+def _too_large(source: str, found: str) -> RecipeError:
+    limit = f"a recipe of at most {MAX_RECIPE_BYTES // 2**20} MB"
+    return RecipeError(source, limit, found, "is this the recipe file? shorten it")
+
+
+def parse_recipe_yaml(data: bytes, source: str) -> object:
+    """Parse a recipe's bytes (UTF-8 YAML) with the limits above; ``source`` names it in messages."""
+    path = source
     try:
-        text = path.read_text()
+        text = data.decode()
     except UnicodeDecodeError:
-        raise RecipeError(str(path), "a UTF-8 text file", "binary content", "point at the recipe .yaml") from None
+        raise RecipeError(source, "a UTF-8 text file", "binary content", "point at the recipe .yaml") from None
     loader = SAFE_PARSER(text)
+    loader.name = source
     try:
         node = loader.get_single_node()
         if node is None:

@@ -8,6 +8,7 @@ lists every one.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from soupkit.errors import RecipeError, did_you_mean
 from soupkit.methods.base import MethodParams
 from soupkit.methods.registry import REGISTRY, get_method
-from soupkit.recipe.messages import to_recipe_error
+from soupkit.recipe.messages import recipe_rule, to_recipe_error
 
 Weight = float | list[float]
 
@@ -43,7 +44,7 @@ class AdapterSpec(StrictModel):
     @classmethod
     def _non_empty(cls, value: Weight) -> Weight:
         if isinstance(value, list) and not value:
-            raise ValueError("a weight list needs at least one value")
+            raise recipe_rule("a number or a list of at least one number", "an empty list []", "give the weight a value")
         return value
 
 
@@ -85,18 +86,27 @@ class Recipe(StrictModel):
     seed: int = Field(default=0, description="Seed of every random choice (DARE drops, k-means init).")
     _root: Path = PrivateAttr(default_factory=Path.cwd)
     _locked_versions: dict | None = PrivateAttr(default=None)  # a lock file's versions section, else None
+    _source: dict = PrivateAttr(default_factory=dict)  # the parsed YAML as written (fit-alpha edits a copy)
 
     @model_validator(mode="after")
     def _check_names(self) -> Recipe:
         names = [a.name for a in self.adapters]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"duplicate adapter name '{dup[0]}'; give each adapter a unique name")
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise recipe_rule(
+                    "a name no other adapter has",
+                    f"duplicate adapter name '{name}' (also adapters[{names.index(name)}])",
+                    "give each adapter a unique name",
+                    at=f"adapters[{i}].name",
+                )
         for i, override in enumerate(self.merge.modules):
             for key in override.weights:
                 if key not in names:
-                    raise ValueError(
-                        f"merge.modules.{i}.weights names adapter '{key}'{did_you_mean(key, names)}, but the adapters are {names}"
+                    raise recipe_rule(
+                        f"an adapter name, one of {', '.join(names)}"[:200],
+                        f"'{key[:60]}'{did_you_mean(key, names)}",
+                        "use the adapter's name from adapters[]",
+                        at=f"merge.modules[{i}].weights.{key[:60]}",
                     )
         return self
 
@@ -109,6 +119,10 @@ class Recipe(StrictModel):
     def from_dict(cls, data: object, root: Path | None = None) -> Recipe:
         """Validate a parsed recipe, method parameters included; errors are ``RecipeError``."""
         return validate_recipe(data, root or Path.cwd())
+
+    def source_data(self) -> dict:
+        """A copy of the recipe's parsed YAML as written (no defaults filled in, no lock section)."""
+        return copy.deepcopy(self._source)
 
     def generator_change(self) -> str | None:
         """Why a rerun of this lock file cannot repeat its random draws bit for bit, or None.
@@ -155,6 +169,7 @@ def validate_recipe(data: object, root: Path, label: str = "recipe") -> Recipe:
     except ValidationError as err:
         raise to_recipe_error(err, label, ("merge",), Recipe, method.Params) from None
     recipe._root = root
+    recipe._source = copy.deepcopy(data)
     if isinstance(lock, dict):
         versions = lock.get("versions")
         recipe._locked_versions = versions if isinstance(versions, dict) else {}
