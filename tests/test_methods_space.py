@@ -72,13 +72,15 @@ def plain_ties(mats: list[torch.Tensor], density: float, lam: float) -> torch.Te
 
 
 def nonzero_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Singular triplets above 1e-4 of the largest (docs/methods.md, rank-revealing tolerance)."""
     U, S, Vh = torch.linalg.svd(x, full_matrices=False)
-    k = int((S > 1e-6 * S[0]).sum())
+    k = int((S > 1e-4 * S[0]).sum())
     return U[:, :k], S[:k], Vh[:k]
 
 
 def plain_polar(x: torch.Tensor) -> torch.Tensor:
-    P, _, Qh = torch.linalg.svd(x, full_matrices=False)
+    """Rank-revealing polar factor P_n Q_n^T (n singular values above 1e-4 of the largest)."""
+    P, _, Qh = nonzero_svd(x)
     return P @ Qh
 
 

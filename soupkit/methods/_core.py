@@ -24,6 +24,11 @@ import torch
 from soupkit.methods.base import LoraFactors, MergeResult
 from soupkit.ops import energy_fraction, single_thread, svd
 
+# Rank-revealing tolerance of the spectral rules (tsv, iso_c, knots, core matrices): a singular value (or a
+# direction's norm) below this fraction of the largest is dropped, not amplified. 100x above the 1e-6 input
+# changes the rules must absorb, 1e4x above float32 rounding; docs/methods.md, "Rank-revealing tolerance".
+RANK_RTOL = 1e-4
+
 # The spaces a method may run its rule in: the recipe key ``merge.space``.
 MergeSpace = Literal["full", "core"]
 SPACE_DOC = (
@@ -75,10 +80,31 @@ def core_space(factors: list[LoraFactors], weights: list[float]) -> CoreSpace:
     return CoreSpace(U=U, V=V)
 
 
+def zero_null_lines(M: torch.Tensor, columns: bool = True) -> torch.Tensor:
+    """M (float64) with every row (and, if ``columns``, every column) whose norm is below RANK_RTOL of the
+    largest row (column) norm set to exactly zero, in place. Only lines along a rotated basis are zeroed.
+
+    In a rotated basis (core, KnOTS) an adapter's update has exact zeros along the directions it does not
+    span; computed, they hold rounding noise (~1e-16), and an entry-wise rule counts noise: TIES' disjoint
+    mean over "agreeing" entries halved the updates of two orthogonal adapters. Zeroing them keeps the rule
+    continuous there (docs/methods.md, "Rank-revealing tolerance")."""
+    for dim in (1, 0) if columns else (1,):  # row norms, then column norms
+        norms = torch.linalg.vector_norm(M, dim=dim)
+        if norms.numel() and float(norms.max()) > 0:
+            null = norms <= RANK_RTOL * norms.max()
+            if bool(null.any()):
+                if dim == 1:
+                    M[null] = 0.0
+                else:
+                    M[:, null] = 0.0
+    return M
+
+
 def core_matrices(factors: list[LoraFactors], weights: list[float]) -> tuple[CoreSpace, list[torch.Tensor]]:
-    """The basis and each input's UNWEIGHTED core matrix s_i B_i A_i projected, (R_u, R_v) float32.
+    """The basis and each input's UNWEIGHTED core matrix s_i B_i A_i projected, (R_u, R_v) float32, with the
+    rows and columns outside the input's own span exactly zero (``zero_null_lines``).
 
     float32 like the dense deltas, so that global thresholds (float32 radix selection) are exact.
     """
     space = core_space(factors, weights)
-    return space, [space.project(f).float() for f in factors]
+    return space, [zero_null_lines(space.project(f)).float() for f in factors]

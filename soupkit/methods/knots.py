@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 
 from soupkit.methods import seeds
+from soupkit.methods._core import RANK_RTOL, zero_null_lines
 from soupkit.methods._dense import SCOPE_DOC, SIGN_DOC, Density, ScaledParams, Scope, SignRule, uniform_for
 from soupkit.methods._global import global_thresholds
 from soupkit.methods.base import (
@@ -51,9 +52,13 @@ def aligned_coordinates(factors: list[LoraFactors]) -> tuple[torch.Tensor, list[
         blocks.append(R_B[:, start : start + f.rank] @ f.A.double())
         start += f.rank
     gram = sum(C @ C.T for C in blocks)
-    _, U_c = eigh(gram)  # ascending; order does not matter to U Z
-    U_c = U_c.flip(1)
-    return Q @ U_c, [U_c.T @ C for C in blocks]
+    evals, U_c = eigh(gram)  # ascending; order does not matter to U Z
+    # Rank-revealing, as the published code keeps only sigma > 1e-5: the components with sigma = sqrt(eval)
+    # below RANK_RTOL of the largest (e.g. the same adapter twice) would otherwise hold rounding noise and
+    # enlarge every Z_i, so that ``density`` kept more of the real entries.
+    kept = int((evals > RANK_RTOL**2 * evals[-1]).sum()) if evals.numel() and float(evals[-1]) > 0 else evals.numel()
+    U_c = U_c.flip(1)[:, :kept]
+    return Q @ U_c, [zero_null_lines(U_c.T @ C, columns=False) for C in blocks]  # columns: input features
 
 
 class Knots(MergeMethod):

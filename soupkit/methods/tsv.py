@@ -2,10 +2,12 @@
 
 Per module, with Delta_i = w_i s_i B_i A_i (weights folded in) and T adapters:
   Delta_i = U_i S_i V_i^T, keeping its top k_i = min(rank_i, floor(dim / T)) NONZERO triplets
-  (s > 1e-6 s_1 of that task; rank_i = their count, dim = min(d_out, d_in));
+  (s > RANK_RTOL s_1 of that task; rank_i = their count, dim = min(d_out, d_in));
   U = [U_1k ... U_Tk], S = diag(S_1k ... S_Tk), V = [V_1k ... V_Tk];
-  whiten each side to its nearest orthonormal matrix (polar factor: X = P Sigma Q^T -> P Q^T);
-  delta = lambda * U_perp S V_perp^T, a LoRA of rank sum k_i <= sum r_i (top ``merge.rank`` of S if set).
+  whiten each side (rank-revealing polar factor: X = P Sigma Q^T -> P_n Q_n^T over the n singular
+  values above RANK_RTOL sigma_1: where tasks share a direction, X is rank-deficient and the published
+  P Q^T fills the missing directions by rounding, so the output jumped by 100% for inputs 1e-6 apart);
+  delta = lambda * U_perp S V_perp^T, a LoRA of rank <= sum k_i <= sum r_i (top ``merge.rank`` of S if set).
 ``space: full`` is the published rule on the d_out x d_in deltas. Each Delta_i has rank <= r_i, so its
 SVD is computed exactly from the factors (``ops.factor_svd``) and U_perp S V_perp^T is already a factored
 SVD: the d_out x d_in matrix is never formed. ``space: core`` runs the same rule on the R x R core
@@ -20,19 +22,22 @@ from typing import Any
 
 import torch
 
-from soupkit.methods._core import core_space, small_maths
+from soupkit.methods._core import RANK_RTOL, core_space, small_maths
 from soupkit.methods._dense import DenseParams
 from soupkit.methods.base import LoraFactors, MergeContext, MergeMethod, MergeResult, MethodParams, sum_rank_within
 from soupkit.ops import energy_fraction, factor_svd, svd
 
-NONZERO = 1e-6  # a singular value below this fraction of the largest is rounding noise, not a direction
-
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (m, k), S (k,), Vh (k, n), float64
 
 
+def kept_count(S: torch.Tensor) -> int:
+    """How many of the singular values S (descending) are above RANK_RTOL of the largest."""
+    return int((S > RANK_RTOL * S[0]).sum()) if S.numel() and float(S[0]) > 0 else 0
+
+
 def nonzero_triplets(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> Triplets:
-    """The numerically nonzero singular triplets (S descending), float64."""
-    k = int((S > NONZERO * S[0]).sum()) if S.numel() and float(S[0]) > 0 else 0
+    """The numerically nonzero singular triplets (S descending, above RANK_RTOL of the largest), float64."""
+    k = kept_count(S)
     return U[:, :k].double(), S[:k].double(), Vh[:k].double()
 
 
@@ -45,9 +50,13 @@ def task_triplets(f: LoraFactors, weight: float) -> Triplets:
 
 
 def polar(X: torch.Tensor) -> torch.Tensor:
-    """Nearest matrix with orthonormal columns to a tall X (m, k), k <= m: P Q^T from X = P Sigma Q^T."""
-    P, _, Qh = svd(X)
-    return P @ Qh
+    """Rank-revealing polar factor of a tall X (m, k), k <= m: P_n Q_n^T from X = P Sigma Q^T, over the n
+    singular values above RANK_RTOL of the largest. For a full-rank X (n = k) this is the nearest matrix
+    with orthonormal columns, as published; for a rank-deficient one it is X (X^T X)^+1/2, the limit of
+    X (X^T X + mu I)^-1/2 as mu -> 0, instead of directions picked by rounding."""
+    P, S, Qh = svd(X)
+    n = kept_count(S)
+    return P[:, :n] @ Qh[:n]
 
 
 def tsv_whiten(parts: list[Triplets], dim: int) -> Triplets:
