@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from soupkit.errors import SoupkitError
-from soupkit.io.adapter import PREFIX, LoraAdapter, check_same_base
+from soupkit.io.adapter import BASE_LAYER, PREFIX, LoraAdapter, check_same_base
 from soupkit.io.base_model import BaseModelInfo
+from soupkit.io.experts import OUTPUT_PEFT_VERSION, ParamSlot, attach_param_targets, param_structure
 from soupkit.io.output_guard import OutputTarget, check_apart
 from soupkit.io.resolve import hub_name, hub_pin, resolve_reference
 from soupkit.io.writer import SafetensorsStreamWriter, check_finite_cast, dtype_tag
@@ -54,7 +55,12 @@ def open_inputs(recipe: Recipe) -> Inputs:
         for i, spec in enumerate(recipe.adapters)
     ]
     check_same_base(adapters)
-    return Inputs(adapters, BaseModelInfo(base_dir))
+    base = BaseModelInfo(base_dir)
+    if any(a.param_wrappers for a in adapters):
+        structure = param_structure(base)
+        for adapter in adapters:
+            attach_param_targets(adapter, structure)
+    return Inputs(adapters, base)
 
 
 def plan_recipe(recipe: Recipe) -> tuple[Plan, Inputs]:
@@ -172,6 +178,28 @@ def adapter_keys(module: ModulePlan) -> tuple[str, str]:
     return f"{PREFIX}{module.path}.lora_A.weight", f"{PREFIX}{module.path}.lora_B.weight"
 
 
+def param_keys(slot: ParamSlot, rank: int) -> dict[str, tuple[int, int]]:
+    """PEFT's keys and shapes of a targeted parameter's A and B: (rank * E, in) and (out, rank * E).
+
+    PEFT >= 0.19.1 reads a 3-D parameter (E, d1, d2) as in = d2, out = d1 unless its module is
+    ``is_transposed`` (then in = d1, out = d2); a 2-D one as (out, in).
+    """
+    experts = 1 if slot.expert is None else slot.param.shape[0]
+    d1, d2 = slot.param.shape[-2:]
+    a_in, b_out = (d1, d2) if slot.expert is not None and slot.param.module_transposed else (d2, d1)
+    stem = f"{PREFIX}{slot.param.module}{BASE_LAYER * slot.depth}"
+    return {f"{stem}.lora_A.weight": (rank * experts, a_in), f"{stem}.lora_B.weight": (b_out, rank * experts)}
+
+
+def pack_experts(slot: ParamSlot, experts: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's A and B of a targeted parameter from its experts' factors (expert order; see ``ExpertSlice``)."""
+    if slot.expert is None:
+        return experts[0].A, experts[0].B
+    pairs = [(f.B.T, f.A.T) if slot.param.module_transposed else (f.A, f.B) for f in experts]  # PEFT adds (B_e A_e)^T
+    B = torch.stack([b for _, b in pairs], dim=2)  # (out, r, E): column ri * E + e is expert e's column ri
+    return torch.cat([a for a, _ in pairs]), B.reshape(B.shape[0], -1)
+
+
 def base_reference(recipe: Recipe, inputs: Inputs) -> tuple[str, str | None]:
     """How outputs name the base for loaders: (hub id, commit) for a hub base, else (absolute path, None).
 
@@ -207,7 +235,9 @@ def adapter_config(recipe: Recipe, plan: Plan, inputs: Inputs) -> dict:
         "rank_pattern": {},
         "alpha_pattern": {},
         "inference_mode": True,
-    }
+    } | (
+        {"target_parameters": list(plan.target_parameters), "peft_version": OUTPUT_PEFT_VERSION} if plan.target_parameters else {}
+    )
 
 
 def write_adapter(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Path, options: RunOptions) -> dict[str, float]:
@@ -215,17 +245,29 @@ def write_adapter(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pa
     tag = dtype_tag(TORCH_DTYPE[recipe.dtype])
     specs = {}
     for module in plan.modules:
+        if module.param is not None:  # a parameter's experts come one after another: its tensors sit at the first
+            specs.update({key: (tag, shape) for key, shape in param_keys(module.param, plan.rank).items()})
+            continue
         a_key, b_key = adapter_keys(module)
         specs[a_key] = (tag, (plan.rank, module.d_in))
         specs[b_key] = (tag, (module.d_out, plan.rank))
     energy: dict[str, float] = {}
     device = resolve_device(options.device)
+    experts: dict[str, list[LoraFactors]] = {}  # parameter path -> its experts' factors so far
     with SafetensorsStreamWriter(tmp / "adapter_model.safetensors", specs, {"format": "pt"}) as writer:
         for module, factors, kept in iter_merged(recipe, plan, inputs, device, options.progress):
+            if kept is not None:
+                energy[module.path] = round(kept, 6)
+            if module.param is not None:
+                slot = module.param
+                done = experts.setdefault(slot.param.path, [None] * (1 if slot.expert is None else slot.param.shape[0]))  # type: ignore[list-item]
+                done[slot.expert or 0] = factors
+                if all(f is not None for f in done):
+                    for key, tensor in zip(param_keys(slot, plan.rank), pack_experts(slot, experts.pop(slot.param.path))):
+                        writer.write(key, tensor)
+                continue
             a_key, b_key = adapter_keys(module)
             writer.write(a_key, factors.A)
             writer.write(b_key, factors.B)
-            if kept is not None:
-                energy[module.path] = round(kept, 6)
     (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, plan, inputs), indent=2) + "\n")
     return energy

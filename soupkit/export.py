@@ -11,6 +11,7 @@ generation_config.json and the tokenizer files of the base.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -39,6 +40,8 @@ from soupkit.recipe.schema import Recipe
 
 T = TypeVar("T")
 MergedModule = tuple[ModulePlan, LoraFactors, float | None]  # what iter_merged yields
+# a module's update in one stored tensor: (module, the tensor's first row (2-D view) it updates, rows lo:hi of B @ A)
+Part = tuple[ModulePlan, int, int, int]
 QUEUE_DEPTH = 2  # row blocks computed ahead of the writer
 BLOCK_ELEMENTS = 8 * 1024 * 1024  # rows per block are chosen so a float32 block is ~32 MB
 ITEMSIZE = {dt: size for dt, size in DTYPES.values()}  # torch dtype -> bytes per element
@@ -55,6 +58,24 @@ def add_delta_rows_(rows: torch.Tensor, factors: LoraFactors, lo: int, hi: int, 
     if transposed:
         return rows.addmm_(factors.A[:, lo:hi].T, factors.B.T)
     return rows.addmm_(factors.B[lo:hi], factors.A)
+
+
+def add_parts_rows_(
+    rows: torch.Tensor, parts: list[tuple[LoraFactors, int, int, int]], lo: int, hi: int, transposed: bool
+) -> None:
+    """Add the updates of ``parts`` that fall in stored rows ``lo:hi`` (a 3-D tensor is viewed as (E * d1, d2)).
+
+    A part (factors, first, a, b) puts rows a:b of ``B @ A`` at stored rows first:first + (b - a): an
+    expert of a fused MoE tensor, or gate/up rows of a per-expert checkpoint tensor. A plain module is
+    one part (factors, 0, 0, d_out), and may be stored transposed.
+    """
+    if transposed:  # GPT-2 Conv1D or an embedding: always one whole module
+        add_delta_rows_(rows, parts[0][0], lo, hi, transposed)
+        return
+    for factors, first, a, b in parts:
+        r0, r1 = max(lo, first), min(hi, first + b - a)
+        if r0 < r1:
+            rows[r0 - lo : r1 - lo].addmm_(factors.B[a + r0 - first : a + r1 - first], factors.A)
 
 
 class BlockBuffers:
@@ -99,13 +120,16 @@ def merged_blocks(
     offset: int,
     dtype: torch.dtype,
     shape: tuple[int, ...],
-    factors: LoraFactors,
+    parts: list[tuple[LoraFactors, int, int, int]],
     transposed: bool,
     buffers: BlockBuffers,
     where: str = "merged weight",
 ) -> Iterator[torch.Tensor]:
-    """Yield the merged weight in row blocks: base rows read from ``fd`` + delta rows, cast back to ``dtype``."""
-    rows, cols = shape
+    """Yield the merged weight in row blocks: base rows read from ``fd`` + delta rows, cast back to ``dtype``.
+
+    ``parts``: the updates of this tensor (see ``add_parts_rows_``); a 3-D tensor is read as (E * d1, d2).
+    """
+    rows, cols = math.prod(shape[:-1]), shape[-1]
     itemsize = ITEMSIZE[dtype]
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
     for lo in range(0, rows, step):
@@ -116,7 +140,7 @@ def merged_blocks(
         on_cpu = buffers.device.type == "cpu"
         # On a GPU: move the stored dtype (half the bytes of float32 for bf16), convert there.
         work = buffers.work(n).view(hi - lo, cols).copy_(stored) if on_cpu else stored.to(buffers.device).float()
-        add_delta_rows_(work, factors, lo, hi, transposed)
+        add_parts_rows_(work, parts, lo, hi, transposed)
         out = buffers.out(n * itemsize).view(dtype).view(hi - lo, cols)
         out.copy_(work if on_cpu else work.to(dtype))  # the cast back to the base dtype
         check_finite_cast(
@@ -187,7 +211,7 @@ def fold_stream(
     order: list[str],
     specs: dict[str, TensorSpec],
     ranges: dict[str, ByteRange],
-    targets: dict[str, ModulePlan],
+    targets: dict[str, list[Part]],
     merged: Iterator[MergedModule],
     fan_in_fan_out: bool,
     energy: dict[str, float],
@@ -195,28 +219,38 @@ def fold_stream(
 ) -> Iterator[tuple[str, ByteRange | torch.Tensor]]:
     """Every output tensor in ``order``: (key, ByteRange) to copy, or (key, row block) parts to write.
 
-    ``merged`` yields modules in the same layer order, so at most one layer's factors wait here.
+    ``merged`` yields modules in the same layer order, so at most one layer's factors wait here. A
+    module's factors are dropped once every stored tensor it updates is written.
     """
     pending: dict[str, LoraFactors] = {}
+    uses = {m.path: 0 for parts in targets.values() for m, *_ in parts}
+    for parts in targets.values():
+        for m, *_ in parts:
+            uses[m.path] += 1
     fds: dict[Path, int] = {}
     try:
         for key in order:
-            module = targets.get(key)
-            if module is None:
+            parts = targets.get(key)
+            if parts is None:
                 yield key, ranges[key]
                 continue
-            while module.path not in pending:
-                got, factors, kept = next(merged)
-                if got.sources:
-                    pending[got.path] = factors
-                if kept is not None:
-                    energy[got.path] = round(kept, 6)
+            for module, *_ in parts:
+                while module.path not in pending:
+                    got, factors, kept = next(merged)
+                    if got.sources:
+                        pending[got.path] = factors
+                    if kept is not None:
+                        energy[got.path] = round(kept, 6)
             where = ranges[key]
             fd = fds.get(where.file) or fds.setdefault(where.file, os.open(where.file, os.O_RDONLY))
             tag, shape = specs[key]
-            transposed = module.kind == "embedding" or fan_in_fan_out
-            factors = pending.pop(module.path)
-            for block in merged_blocks(fd, where.offset, DTYPES[tag][0], shape, factors, transposed, buffers, f"tensor {key}"):
+            transposed = parts[0][0].kind == "embedding" or (fan_in_fan_out and parts[0][0].kind != "param")
+            updates = [(pending[m.path], first, a, b) for m, first, a, b in parts]
+            for module, *_ in parts:
+                uses[module.path] -= 1
+                if uses[module.path] == 0:
+                    del pending[module.path]
+            for block in merged_blocks(fd, where.offset, DTYPES[tag][0], shape, updates, transposed, buffers, f"tensor {key}"):
                 yield key, block
     finally:
         for fd in fds.values():
@@ -306,7 +340,7 @@ def maths_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def check_dtypes(specs: dict[str, TensorSpec], targets: dict[str, ModulePlan]) -> None:
+def check_dtypes(specs: dict[str, TensorSpec], targets: dict[str, list[Part]]) -> None:
     """Refuse a base whose tensors soupkit cannot copy, or whose target weights are not floats."""
     for key, (tag, _) in specs.items():
         if tag not in DTYPES:
@@ -318,6 +352,20 @@ def check_dtypes(specs: dict[str, TensorSpec], targets: dict[str, ModulePlan]) -
                 f"{tag} (quantised?)",
                 "merge into an unquantised base, then quantise the export",
             )
+
+
+def export_targets(plan: Plan, base: BaseModelInfo) -> dict[str, list[Part]]:
+    """Checkpoint key -> the merged modules that update it (a targeted parameter may span several tensors)."""
+    targets: dict[str, list[Part]] = {}
+    for module in plan.modules:
+        if not module.sources:
+            continue
+        if module.param is None:
+            targets[base.key_of[f"{module.path}.weight"]] = [(module, 0, 0, module.d_out)]
+        else:
+            for key, first, a, b in module.param.pieces:
+                targets.setdefault(key, []).append((module, first, a, b))
+    return targets
 
 
 def export_model(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Path, options: RunOptions) -> dict[str, float]:
@@ -333,7 +381,7 @@ def export_model(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pat
         ranges[tied[1]], infos[tied[1]] = ranges[tied[0]], infos[tied[0]]
     order = output_order(list(ranges), ranges)
     specs: dict[str, TensorSpec] = {key: (infos[key].dtype, infos[key].shape) for key in order}
-    targets = {base.key_of[f"{m.path}.weight"]: m for m in plan.modules if m.sources}  # checkpoint key -> module
+    targets = export_targets(plan, base)
     check_dtypes(specs, targets)
     device = resolve_device(options.device)
     merged = release_per_layer(iter_merged(recipe, plan, inputs, device, options.progress), inputs.adapters)

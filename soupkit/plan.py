@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from soupkit.errors import AdapterError, RecipeError, did_you_mean
 from soupkit.io.adapter import LoraAdapter
 from soupkit.io.base_model import BaseModelInfo, layer_of
+from soupkit.io.experts import ParamSlot, checkpoint_pieces, param_structure
 from soupkit.methods import MergeMethod, MethodParams, get_method
 from soupkit.recipe.schema import Recipe, Weight
 
@@ -34,13 +35,14 @@ class ModulePlan:
     """One output module: its inputs, shape (A is (rank, d_in), B is (d_out, rank)) and rank."""
 
     path: str
-    kind: str  # "linear" | "embedding"
+    kind: str  # "linear" | "embedding" | "param" (a targeted parameter, or one expert of a 3-D one)
     layer: int | None
     d_in: int
     d_out: int
     sources: tuple[Source, ...]
     rank: int  # the method's rank for this module, before zero-padding to Plan.rank
     budget: int | None = None  # the rank the method is asked for: merge.rank, or the min(d_out, d_in) cap; None: its default
+    param: ParamSlot | None = None  # kind "param": where its update goes in the adapter and the checkpoint
 
     def peak_bytes(self, dense: bool, out_rank: int) -> int:
         """Working memory to merge this module in float32: inputs, output, dense buffers if any."""
@@ -68,6 +70,7 @@ class Plan:
     bytes_read: int
     bytes_written: int
     peak_bytes: int
+    target_parameters: tuple[str, ...] = ()  # adapter_config.json's target_parameters (union of the inputs')
 
     @property
     def modules(self) -> list[ModulePlan]:
@@ -105,7 +108,8 @@ def _output_modules(adapters: list[LoraAdapter], base: BaseModelInfo) -> dict[st
     kind_of_leaf: dict[str, str] = {}
     for adapter in adapters:
         for spec in adapter.modules.values():
-            kind_of_leaf[spec.path.rsplit(".", 1)[-1]] = spec.kind
+            if spec.kind != "param":
+                kind_of_leaf[spec.path.rsplit(".", 1)[-1]] = spec.kind
     out = {}
     for name, key in base.key_of.items():
         if name.endswith(".weight") and len(base.index.infos[key].shape) == 2:
@@ -116,13 +120,34 @@ def _output_modules(adapters: list[LoraAdapter], base: BaseModelInfo) -> dict[st
     return out
 
 
+def _param_slots(adapters: list[LoraAdapter], base: BaseModelInfo) -> tuple[tuple[str, ...], dict[str, ParamSlot]]:
+    """The output's target_parameters (the union of the inputs') and a slot per parameter (or expert) they match.
+
+    Every matched parameter of the base is written, zeros where no input has it: PEFT wraps all of them.
+    """
+    names = tuple(sorted({t for a in adapters if a.param_wrappers for t in a.config.get("target_parameters") or []}))
+    if not names:
+        return (), {}
+    structure = param_structure(base)
+    slots = {}
+    for params in structure.targeted(list(names)).values():
+        for depth, param in enumerate(reversed(params)):  # the module's first parameter is the innermost wrapper
+            experts = [None] if len(param.shape) == 2 else list(range(param.shape[0]))
+            for e in experts:
+                path = param.path if e is None else f"{param.path}.{e}"
+                pieces = checkpoint_pieces(base.index, structure.model_type, param, e)
+                slots[path] = ParamSlot(param, e, depth, pieces)
+    return names, slots
+
+
 def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo, out_dtype: str) -> Plan:
     """Plan the merge from headers: validate shapes, resolve weights and ranks, order by layer."""
     method = get_method(recipe.merge.method)
-    base.adopt_module_paths([path for adapter in adapters for path in adapter.modules])
+    base.adopt_module_paths([spec.path for adapter in adapters for spec in adapter.modules.values() if spec.kind != "param"])
     for adapter in adapters:
         for spec in adapter.modules.values():
-            base.check_module(adapter, spec)
+            if spec.kind != "param":  # targeted parameters were checked against the base when attached
+                base.check_module(adapter, spec)
     flags = {a.fan_in_fan_out for a in adapters}
     if len(flags) > 1:
         raise AdapterError(
@@ -133,21 +158,24 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
         raise RecipeError("merge.method", f"inputs that '{method.name}' can merge", reason, "choose another method")
 
     modules: list[ModulePlan] = []
-    for path, kind in sorted(_output_modules(adapters, base).items()):
+    target_parameters, slots = _param_slots(adapters, base)
+    outputs = {**_output_modules(adapters, base), **dict.fromkeys(slots, "param")}
+    for path, kind in sorted(outputs.items()):
         sources = []
         for i, adapter in enumerate(adapters):
             spec = adapter.modules.get(path)
             if spec is not None:
                 nbytes = sum(adapter.index.infos[k].nbytes for k in (spec.a_key, spec.b_key))
                 sources.append(Source(i, spec.rank, module_weight(recipe, i, path, base.num_layers), nbytes))
-        shape = base.index.infos[base.key_of[f"{path}.weight"]].shape
-        transposed = kind == "embedding" or adapters[0].fan_in_fan_out
+        slot = slots.get(path)
+        shape = slot.param.shape[-2:] if slot else base.index.infos[base.key_of[f"{path}.weight"]].shape
+        transposed = kind == "embedding" or (adapters[0].fan_in_fan_out and not slot)
         d_out, d_in = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
         rank = method.output_rank([s.rank for s in sources], recipe.merge.params, recipe.merge.rank) if sources else 0
         budget = recipe.merge.rank
         if budget is None and method.uses_rank and rank > min(d_in, d_out):  # capped like an explicit rank: no zero rows
             rank = budget = min(d_in, d_out)
-        modules.append(ModulePlan(path, kind, layer_of(path), d_in, d_out, tuple(sources), rank, budget))
+        modules.append(ModulePlan(path, kind, layer_of(path), d_in, d_out, tuple(sources), rank, budget, slot))
 
     check_rank_budget(recipe, method, modules)
     check_module_globs(recipe, [m.path for m in modules])
@@ -166,11 +194,12 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
         method=method.name,
         layers=tuple(layers),
         rank=rank,
-        target_modules=tuple(sorted({m.path.rsplit(".", 1)[-1] for m in modules})),
+        target_modules=tuple(sorted({m.path.rsplit(".", 1)[-1] for m in modules if m.kind != "param"})),
         fan_in_fan_out=adapters[0].fan_in_fan_out,
         bytes_read=sum(s.nbytes for m in modules for s in m.sources) + (base_bytes if full else 0),
         bytes_written=base_bytes if full else sum(rank * (m.d_in + m.d_out) for m in modules) * DTYPE_BYTES[out_dtype],
         peak_bytes=max(m.peak_bytes(dense, rank) for m in modules),
+        target_parameters=target_parameters,
     )
 
 

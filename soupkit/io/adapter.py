@@ -25,8 +25,24 @@ SUFFIXES: dict[str, tuple[str, str]] = {
     ".lora_embedding_A": ("embedding", "A"),
     ".lora_embedding_B": ("embedding", "B"),
 }
-Kind = Literal["linear", "embedding"]
+Kind = Literal["linear", "embedding", "param"]
 BASE_LAYER_COPY = ".base_layer.weight"
+BASE_LAYER = ".base_layer"  # PEFT nests one ParamWrapper per targeted parameter of a module under this name
+
+
+@dataclass(frozen=True)
+class ExpertSlice:
+    """Expert ``index`` of a PEFT ``ParamWrapper`` LoRA on a 3-D parameter (num_experts, d1, d2).
+
+    PEFT stores A as (r * E, a_in) with expert e in rows e*r:(e+1)*r, and B as (b_out, r * E) with
+    expert e in columns e, e+E, e+2E, ... (``reshape(b_out, r, E)``). Expert e's update of
+    ``param[e]`` (d1, d2) is ``s * B_e @ A_e``, or its transpose when ``transposed`` (PEFT's layout
+    depends on its version and on the module's ``is_transposed``; io/experts.py resolves it).
+    """
+
+    index: int
+    num_experts: int
+    transposed: bool
 
 
 @dataclass(frozen=True)
@@ -34,8 +50,10 @@ class ModuleSpec:
     """One adapted module, from headers and config only.
 
     Attributes:
-        path: module path without PEFT's prefix, e.g. ``model.layers.0.self_attn.q_proj``.
-        kind: ``linear`` (lora_A/lora_B) or ``embedding`` (lora_embedding_A/B).
+        path: module path without PEFT's prefix, e.g. ``model.layers.0.self_attn.q_proj``; for a targeted
+            parameter (``kind`` param) the parameter's path, plus ``.{expert}`` for a 3-D one.
+        kind: ``linear`` (lora_A/lora_B), ``embedding`` (lora_embedding_A/B) or ``param`` (target_parameters:
+            A is (rank, d_in) and B (d_out, rank) once sliced, d_out x d_in being the parameter (or expert) as stored).
         a_key, b_key: tensor keys in the adapter file.
         rank: r of this module; A is (rank, d_in), B is (d_out, rank).
         scale: lora_alpha / r, or lora_alpha / sqrt(r) under rsLoRA.
@@ -49,6 +67,7 @@ class ModuleSpec:
     d_in: int
     d_out: int
     scale: float
+    expert: ExpertSlice | None = None  # a 3-D parameter's expert: A and B are slices of the stored tensors
 
 
 def pattern_value(patterns: dict[str, int], path: str, default: float) -> float:
@@ -109,7 +128,6 @@ REFUSED_FIELDS: dict[str, str] = {
     "use_dora": "DoRA rescales W + dB per row: not a low-rank update",
     "lora_bias": "lora_bias adds a bias vector: not a low-rank update",
     "modules_to_save": "modules_to_save holds full module copies: not a low-rank update",
-    "target_parameters": "target_parameters (nn.Parameter LoRA) is not a module LoRA",
     "trainable_token_indices": "trainable_token_indices holds extra token embeddings",
     "layer_replication": "layer_replication changes the model's layer stack",
     "kasa_config": "KaSA adds a singular-value modulation",
@@ -207,6 +225,10 @@ class LoraAdapter:
         self.index = index
         self.fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         self.base_layer_copies: dict[str, str] = {}  # module path -> key of a saved copy of its base weight
+        # target_parameters: (module path, .base_layer depth) -> {"A": key, "B": key}; io/experts.py resolves these
+        # against the base model's parameters and adds their ModuleSpecs to ``modules``
+        self.param_wrappers: dict[tuple[str, int], dict[str, str]] = {}
+        self._cached: dict[str, torch.Tensor] = {}  # the last A and B of a 3-D parameter: its E experts share them
         self.modules = self._scan_modules()
 
     def _scan_modules(self) -> dict[str, ModuleSpec]:
@@ -237,6 +259,10 @@ class LoraAdapter:
                     "a full module copy without LoRA",
                     "remove it",
                 )
+        if self.config.get("target_parameters"):
+            for path in [p for p in parts if self._param_wrapper(p)]:
+                depth = path.count(BASE_LAYER)
+                self.param_wrappers[(path.replace(BASE_LAYER, ""), depth)] = parts.pop(path)
         for path in sorted(parts):
             if not peft_targets(self.config, path):
                 raise UnsupportedAdapterError(
@@ -246,6 +272,12 @@ class LoraAdapter:
                     f"add '{path.rsplit('.', 1)[-1]}' to target_modules in adapter_config.json to apply them, or delete them",
                 )
         return {path: self._module_spec(path, kinds[path], keys) for path, keys in sorted(parts.items())}
+
+    def _param_wrapper(self, path: str) -> bool:
+        """Whether LoRA tensors at ``path`` belong to a ParamWrapper (target_parameters), not to a module LoRA."""
+        if BASE_LAYER in path:  # nested wrappers: a second targeted parameter of one module
+            return True
+        return self.config.get("target_modules") in (None, [], "") or not peft_targets(self.config, path)
 
     def _module_spec(self, path: str, kind: str, keys: dict[str, str]) -> ModuleSpec:
         where = f"adapter '{self.name}' module {path}"
@@ -284,8 +316,16 @@ class LoraAdapter:
     def load(self, path: str, device: torch.device | str = "cpu") -> LoraFactors:
         """Read one module's factors as float32 on ``device``, with the scale folded into B."""
         spec = self.modules[path]
-        A = self._read(spec.a_key).to(device=device, dtype=torch.float32)
-        B = self._read(spec.b_key).to(device=device, dtype=torch.float32) * spec.scale
+        keep = spec.expert is not None
+        A, B = self._read(spec.a_key, keep), self._read(spec.b_key, keep)
+        if spec.expert is not None:
+            e, n = spec.expert.index, spec.expert.num_experts
+            A, B = A[e * spec.rank : (e + 1) * spec.rank], B[:, e::n]
+            if spec.expert.transposed:  # delta[e] = (B_e A_e)^T = A_e^T B_e^T
+                A, B = B.T, A.T
+            A, B = A.contiguous(), B.contiguous()
+        A = A.to(device=device, dtype=torch.float32)
+        B = B.to(device=device, dtype=torch.float32) * spec.scale
         for key, tensor in ((spec.a_key, A), (spec.b_key, B)):
             if not all_finite(tensor):
                 bad = int((~torch.isfinite(tensor)).sum())
@@ -297,10 +337,18 @@ class LoraAdapter:
                 )
         return LoraFactors(A=A, B=B)
 
-    def _read(self, key: str) -> torch.Tensor:
-        """One stored tensor; a file safetensors cannot parse is a user error, not a traceback."""
+    def _read(self, key: str, keep: bool = False) -> torch.Tensor:
+        """One stored tensor; a file safetensors cannot parse is a user error, not a traceback.
+
+        ``keep``: cache it, with the one kept read before it (each of E experts reads the same stored A and B).
+        """
+        if key in self._cached:
+            return self._cached[key]
         try:
-            return self.index.get(key)
+            tensor = self.index.get(key)
+            if keep:
+                self._cached = {**dict(list(self._cached.items())[-1:]), key: tensor}
+            return tensor
         except (SafetensorError, OSError) as err:  # a corrupt file or an I/O error; anything else is a bug and raises
             file = self.index.infos[key].file
             raise AdapterError(
