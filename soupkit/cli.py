@@ -81,6 +81,8 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--output-type", type=click.Choice(["adapter", "model"]), help="Override the recipe's `output`.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Full-model export: data per safetensors shard.")
+@click.option("--serving", type=click.Choice(["vllm"]), help="Refuse an adapter output this server cannot load.")
+@click.option("--drop-modules-to-save", is_flag=True, help="Leave the inputs' modules_to_save out of an adapter output.")
 def merge(
     recipe: Path,
     out: Path | None,
@@ -90,6 +92,8 @@ def merge(
     quiet: bool,
     output_type: str | None,
     shard_size: str,
+    serving: str | None,
+    drop_modules_to_save: bool,
 ) -> None:
     """Run RECIPE and write one merged PEFT adapter (or full model)."""
     from soupkit.describe import human_bytes
@@ -104,7 +108,9 @@ def merge(
     if output_type:
         loaded = loaded.model_copy(update={"output": output_type})
     given, out = out, out or Path(f"{recipe_stem(recipe)}-merged")
-    options = RunOptions(device, overwrite, dry_run, not quiet, shard_bytes=parse_size(shard_size))
+    options = RunOptions(
+        device, overwrite, dry_run, not quiet, parse_size(shard_size), serving=serving, drop_modules_to_save=drop_modules_to_save
+    )
     # a dry run checks an -o it was given (docs/safety.md), and writes nothing
     report = merge_recipe(loaded, given if dry_run else out, options, recipe_file=recipe_file(recipe))
     plan = report.plan

@@ -10,7 +10,7 @@ from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from soupkit.io.adapter import LoraAdapter
+from soupkit.io.adapter import VLLM_MODULES_TO_SAVE, LoraAdapter
 from soupkit.io.base_model import layer_of
 from soupkit.methods import REGISTRY
 from soupkit.ops import frobenius_norm
@@ -132,6 +132,10 @@ def describe_adapter(directory: Path) -> str:
         else "  no layered modules",
         f"  dtype {', '.join(f'{k} x{v}' for k, v in dtypes.items())}; {len(specs)} modules",
     ]
+    if adapter.biases:
+        lines.append(f"  lora_bias: {len(adapter.biases)} modules add a bias update")
+    if adapter.saved:
+        lines.append(f"  modules_to_save: {', '.join(adapter.saved)} (full trained copies); {VLLM_MODULES_TO_SAVE}")
     rows: list[Sequence[object]] = [("module", "rank", "scale", "||s B A||_F")]
     rows += [(spec.path, spec.rank, f"{spec.scale:g}", f"{frobenius_norm(adapter.load(spec.path)):.4g}") for spec in specs]
     return "\n".join(lines + format_table(rows, indent="  ", right=(1, 2, 3)))

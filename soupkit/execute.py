@@ -20,7 +20,7 @@ from soupkit.io.writer import SafetensorsStreamWriter, check_finite_cast, dtype_
 from soupkit.methods import LoraFactors, MergeContext, get_method
 from soupkit.methods.base import ModuleInputs, RunInputs
 from soupkit.ops import pad_rank
-from soupkit.plan import ModulePlan, Plan, build_plan
+from soupkit.plan import ModulePlan, Plan, SavedPlan, build_plan
 from soupkit.recipe.schema import Recipe
 
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # recipe `dtype` -> torch
@@ -35,6 +35,8 @@ class RunOptions:
     dry_run: bool = False
     progress: bool = True
     shard_bytes: int = 5 * 10**9  # full-model export: data bytes per safetensors shard
+    serving: str | None = None  # "vllm": refuse an adapter output that vLLM cannot load
+    drop_modules_to_save: bool = False  # leave modules_to_save out of an adapter output (says so on stderr)
 
 
 @dataclass
@@ -171,6 +173,36 @@ def iter_merged(
             adapter.index.close()
 
 
+def full_context(recipe: Recipe, name: str, sources: list[str], device: torch.device) -> MergeContext:
+    """The context of a whole-tensor merge: ``name`` (a tensor, not a module) salts its random draws."""
+    return MergeContext(name, None, recipe.seed, device, None, tuple(sources))
+
+
+def merged_bias(recipe: Recipe, plan: Plan, inputs: Inputs, module: ModulePlan, device: torch.device) -> torch.Tensor:
+    """lora_bias: the merged bias update of ``module``, (d_out,) float32, by the method's ``merge_full``.
+
+    Inputs: s_i * b_i of each adapter with a lora_B.bias there, with the module's weights (the others take no part).
+    """
+    method = get_method(recipe.merge.method)
+    sources = [s for s in module.sources if module.path in inputs.adapters[s.adapter].biases]
+    if not sources:
+        return torch.zeros(module.d_out, device=device)
+    deltas = [inputs.adapters[s.adapter].load_bias(module.path, device) for s in sources]
+    names = [recipe.adapters[s.adapter].name for s in sources]
+    ctx = full_context(recipe, f"{module.path}.bias", names, device)
+    return method.merge_full(deltas, [s.weight for s in sources], recipe.merge.params, ctx)
+
+
+def merged_saved(recipe: Recipe, inputs: Inputs, saved: SavedPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """modules_to_save: (base tensor, merged delta) in float32: the merged tensor is base + merge_full(saved_i - base)."""
+    method = get_method(recipe.merge.method)
+    base = inputs.base.index.get(saved.base_key).to(device=device, dtype=torch.float32)
+    deltas = [inputs.adapters[s.adapter].load_saved(saved.name, device).sub_(base) for s in saved.sources]
+    names = [recipe.adapters[s.adapter].name for s in saved.sources]
+    ctx = full_context(recipe, saved.name, names, device)
+    return base, method.merge_full(deltas, [s.weight for s in saved.sources], recipe.merge.params, ctx)
+
+
 def adapter_keys(module: ModulePlan) -> tuple[str, str]:
     """PEFT's on-disk keys for a module's A and B."""
     if module.kind == "embedding":
@@ -231,7 +263,8 @@ def adapter_config(recipe: Recipe, plan: Plan, inputs: Inputs) -> dict:
         "fan_in_fan_out": plan.fan_in_fan_out,
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "lora_bias": bool(plan.biased),
+        "modules_to_save": list(plan.modules_to_save) if plan.saved else None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "inference_mode": True,
@@ -251,6 +284,10 @@ def write_adapter(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pa
         a_key, b_key = adapter_keys(module)
         specs[a_key] = (tag, (plan.rank, module.d_in))
         specs[b_key] = (tag, (module.d_out, plan.rank))
+        if plan.biased:  # lora_bias: PEFT gives every LoRA Linear a bias; zeros where no input has one
+            specs[f"{b_key.removesuffix('.weight')}.bias"] = (tag, (module.d_out,))
+    for saved in plan.saved:  # PEFT's key of a modules_to_save copy: the module's own name
+        specs[f"{PREFIX}{saved.name}"] = (tag, saved.shape)
     energy: dict[str, float] = {}
     device = resolve_device(options.device)
     experts: dict[str, list[LoraFactors]] = {}  # parameter path -> its experts' factors so far
@@ -269,5 +306,10 @@ def write_adapter(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pa
             a_key, b_key = adapter_keys(module)
             writer.write(a_key, factors.A)
             writer.write(b_key, factors.B)
+            if plan.biased:
+                writer.write(f"{b_key.removesuffix('.weight')}.bias", merged_bias(recipe, plan, inputs, module, device))
+        for saved in plan.saved:
+            base, delta = merged_saved(recipe, inputs, saved, device)
+            writer.write(f"{PREFIX}{saved.name}", base.add_(delta))
     (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, plan, inputs), indent=2) + "\n")
     return energy

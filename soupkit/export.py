@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from itertools import chain, groupby
 from operator import itemgetter
@@ -26,7 +26,7 @@ from typing import TypeVar
 import torch
 
 from soupkit.errors import SoupkitError
-from soupkit.execute import Inputs, RunOptions, iter_merged, resolve_device
+from soupkit.execute import Inputs, RunOptions, iter_merged, merged_bias, merged_saved, resolve_device
 from soupkit.io.adapter import LoraAdapter
 from soupkit.io.base_model import BaseModelInfo, layer_of
 from soupkit.io.checkpoint_layout import meta_model
@@ -169,6 +169,7 @@ def tied_output_key(base: BaseModelInfo, plan: Plan) -> tuple[str, str] | None:
     head too (the weight is shared), so the export unties: the head keeps the base weight.
     """
     targeted = {base.weight_key(m.path) for m in plan.modules if m.sources and m.kind == "embedding"}
+    targeted |= {s.base_key for s in plan.saved}  # a saved (modules_to_save) embedding: PEFT's head keeps the base
     if not targeted:
         return None
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -216,11 +217,14 @@ def fold_stream(
     fan_in_fan_out: bool,
     energy: dict[str, float],
     buffers: BlockBuffers,
+    replaced: dict[str, Callable[[], torch.Tensor]] | None = None,
 ) -> Iterator[tuple[str, ByteRange | torch.Tensor]]:
     """Every output tensor in ``order``: (key, ByteRange) to copy, or (key, row block) parts to write.
 
     ``merged`` yields modules in the same layer order, so at most one layer's factors wait here. A
     module's factors are dropped once every stored tensor it updates is written.
+    ``replaced``: checkpoint key -> its merged value in float32 (lora_bias biases, modules_to_save tensors),
+    made when the key is reached and written whole in the base's dtype.
     """
     pending: dict[str, LoraFactors] = {}
     uses = {m.path: 0 for parts in targets.values() for m, *_ in parts}
@@ -231,6 +235,9 @@ def fold_stream(
     try:
         for key in order:
             parts = targets.get(key)
+            if parts is None and replaced and key in replaced:
+                yield key, cast_like(replaced[key](), specs[key][0], f"tensor {key}")
+                continue
             if parts is None:
                 yield key, ranges[key]
                 continue
@@ -255,6 +262,35 @@ def fold_stream(
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def cast_like(value: torch.Tensor, tag: str, where: str) -> torch.Tensor:
+    """``value`` (float32) in the base's dtype ``tag`` on the CPU, refused if the cast overflows."""
+    out = value.to(device="cpu", dtype=DTYPES[tag][0])
+    check_finite_cast(out, value, where, "use smaller weights, or export from a bfloat16/float32 base")
+    return out
+
+
+def replaced_tensors(recipe: Recipe, plan: Plan, inputs: Inputs, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
+    """Checkpoint key -> merged value for lora_bias biases (base bias + merged update) and modules_to_save tensors."""
+    base = inputs.base
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for module in plan.modules:
+        if module.path not in plan.biased:
+            continue
+        key = base.key_of.get(f"{module.path}.bias")
+        if key is None:  # PEFT's merge_and_unload refuses this too
+            raise SoupkitError(
+                f"module {module.path}",
+                "a base layer with a bias to add the lora_bias update to",
+                "no bias in the base",
+                "write an adapter (output: adapter) instead",
+            )
+        bias = merged_bias(recipe, plan, inputs, module, device)
+        out[key] = lambda key=key, bias=bias: base.index.get(key).to(device=bias.device, dtype=torch.float32).add_(bias)
+    for saved in plan.saved:
+        out[saved.base_key] = lambda saved=saved: torch.add(*merged_saved(recipe, inputs, saved, device))
+    return out
 
 
 def release_per_layer(merged: Iterator[MergedModule], adapters: list[LoraAdapter]) -> Iterator[MergedModule]:
@@ -387,7 +423,8 @@ def export_model(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Pat
     merged = release_per_layer(iter_merged(recipe, plan, inputs, device, options.progress), inputs.adapters)
     energy: dict[str, float] = {}
     buffers = BlockBuffers(device, ring=QUEUE_DEPTH + 3)  # queued + held by groupby + being written + being filled
-    blocks = fold_stream(order, specs, ranges, targets, merged, plan.fan_in_fan_out, energy, buffers)
+    replaced = replaced_tensors(recipe, plan, inputs, device)
+    blocks = fold_stream(order, specs, ranges, targets, merged, plan.fan_in_fan_out, energy, buffers, replaced)
     stream = in_background(blocks, QUEUE_DEPTH)
     spare_cores = max(1, (os.cpu_count() or 2) - 1)  # one core stays free for the writer
     # closing(): a failed write stops the worker now, not whenever the generator is collected

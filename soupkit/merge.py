@@ -3,13 +3,16 @@ then write the lock file and model card, all into a temporary folder renamed to 
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from soupkit.card import model_card
+from soupkit.errors import SoupkitError
 from soupkit.execute import Inputs, RunOptions, check_inputs_apart, memory_problem, plan_recipe, resolve_device, write_adapter
 from soupkit.export import export_model
+from soupkit.io.adapter import VLLM_MODULES_TO_SAVE
 from soupkit.io.output_guard import atomic_dir, check_replaceable, claim, resolve_output
 from soupkit.io.resolve import hub_name, hub_pin, lock_reference
 from soupkit.plan import Plan
@@ -42,6 +45,7 @@ def merge_recipe(
     start = time.perf_counter()
     target = resolve_output(out, "-o", "merge") if out is not None else None
     plan, inputs = plan_recipe(recipe)  # headers only
+    plan = serving_plan(recipe, plan, options)
     problem = memory_problem(plan, options.device)
     if problem is not None:
         raise problem
@@ -62,13 +66,33 @@ def merge_recipe(
     return report
 
 
+def serving_plan(recipe: Recipe, plan: Plan, options: RunOptions) -> Plan:
+    """Apply ``--serving vllm`` / ``--drop-modules-to-save`` to an adapter output that keeps modules_to_save."""
+    if not plan.saved or recipe.output == "model":  # a full model folds them in: every loader takes it
+        return plan
+    names = ", ".join(s.name for s in plan.saved)
+    if options.drop_modules_to_save:
+        print(f"note: dropped modules_to_save ({names}): the output adapter keeps only the LoRA updates", file=sys.stderr)
+        return replace(plan, saved=(), modules_to_save=())
+    if options.serving == "vllm":
+        raise SoupkitError(
+            "--serving vllm",
+            "an adapter vLLM can load",
+            f"modules_to_save {names} (vLLM only supports modules_to_save being None)",
+            "add --drop-modules-to-save to leave them out, or write a full model (--output-type model)",
+        )
+    print(f"warning: the adapter keeps modules_to_save ({names}); PEFT loads it, but {VLLM_MODULES_TO_SAVE}", file=sys.stderr)
+    return plan
+
+
 def write_sidecars(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Path, report: MergeReport) -> None:
     """Lock file and model card. Input paths are written relative to ``out`` so the lock reruns."""
     resolved = recipe.resolved()
     resolved["base_model"] = lock_reference(inputs.base.directory, out)  # hub inputs pinned to their commit
     for spec, adapter in zip(resolved["adapters"], inputs.adapters, strict=True):
         spec["path"] = lock_reference(adapter.directory, out)
-    hashes = {"base_model": file_hashes(inputs.base.files(), inputs.base.directory, header_only=recipe.output == "adapter")}
+    reads_base = recipe.output == "model" or bool(plan.saved)  # modules_to_save merges read base values
+    hashes = {"base_model": file_hashes(inputs.base.files(), inputs.base.directory, header_only=not reads_base)}
     for adapter in inputs.adapters:
         hashes[adapter.name] = file_hashes(adapter.files(), adapter.directory)
     summary = {"rank": plan.rank, "modules": len(plan.modules)}
@@ -76,6 +100,10 @@ def write_sidecars(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: P
         summary["energy_kept_min"] = min(report.energy_kept.values())
         summary["energy_kept"] = report.energy_kept
     hub_base = hub_name(recipe.base_model) if hub_pin(inputs.base.directory) else None
-    (tmp / "README.md").write_text(model_card(resolved, plan.rank, list(plan.target_modules), recipe.output, hub_base))
+    card = model_card(resolved, plan.rank, list(plan.target_modules), recipe.output, hub_base)
+    if plan.saved and recipe.output == "adapter":
+        names = ", ".join(f"`{s.name}`" for s in plan.saved)
+        card += f"\n## modules_to_save\n\nThis adapter keeps full merged copies of {names}. PEFT loads them; {VLLM_MODULES_TO_SAVE}.\n"
+    (tmp / "README.md").write_text(card)
     outputs = file_hashes(sorted(f for f in tmp.rglob("*") if f.is_file() and f.name != LOCK_NAME), tmp)
     write_lock(tmp / LOCK_NAME, resolved, hashes, summary, outputs)

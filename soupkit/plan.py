@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from soupkit.errors import AdapterError, RecipeError, did_you_mean
-from soupkit.io.adapter import LoraAdapter
+from soupkit.errors import AdapterError, RecipeError, UnsupportedAdapterError, did_you_mean
+from soupkit.io.adapter import FLOAT_TAGS, LoraAdapter
 from soupkit.io.base_model import BaseModelInfo, layer_of
 from soupkit.io.experts import ParamSlot, checkpoint_pieces, param_structure
 from soupkit.methods import MergeMethod, MethodParams, get_method
@@ -59,6 +59,16 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class SavedPlan:
+    """One tensor of a ``modules_to_save`` module: merged as base + merge_full(saved_i - base)."""
+
+    name: str  # by module path, e.g. ``lm_head.weight``; the adapter key is PREFIX + name
+    base_key: str  # the base checkpoint's key of the same tensor
+    shape: tuple[int, ...]
+    sources: tuple[Source, ...]  # the adapters that save it (rank 0)
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the executor needs, computed before any tensor is read."""
 
@@ -71,6 +81,9 @@ class Plan:
     bytes_written: int
     peak_bytes: int
     target_parameters: tuple[str, ...] = ()  # adapter_config.json's target_parameters (union of the inputs')
+    saved: tuple[SavedPlan, ...] = ()  # modules_to_save tensors, in the base's order
+    modules_to_save: tuple[str, ...] = ()  # adapter_config.json's modules_to_save (union of the inputs' entries)
+    biased: tuple[str, ...] = ()  # lora_bias: module paths where some input has a lora_B.bias
 
     @property
     def modules(self) -> list[ModulePlan]:
@@ -143,7 +156,9 @@ def _param_slots(adapters: list[LoraAdapter], base: BaseModelInfo) -> tuple[tupl
 def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo, out_dtype: str) -> Plan:
     """Plan the merge from headers: validate shapes, resolve weights and ranks, order by layer."""
     method = get_method(recipe.merge.method)
-    base.adopt_module_paths([spec.path for adapter in adapters for spec in adapter.modules.values() if spec.kind != "param"])
+    saved_paths = [name.rsplit(".", 1)[0] for adapter in adapters for name in adapter.saved]
+    modules = [spec.path for adapter in adapters for spec in adapter.modules.values() if spec.kind != "param"]
+    base.adopt_module_paths(modules + saved_paths)
     for adapter in adapters:
         for spec in adapter.modules.values():
             if spec.kind != "param":  # targeted parameters were checked against the base when attached
@@ -190,7 +205,7 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
     dense = method.forms_dense(recipe.merge.params)
     full = recipe.output == "model"  # a full model reads and writes every base tensor
     base_bytes = sum(info.nbytes for info in base.index.infos.values())
-    return Plan(
+    plan = Plan(
         method=method.name,
         layers=tuple(layers),
         rank=rank,
@@ -201,6 +216,61 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
         peak_bytes=max(m.peak_bytes(dense, rank) for m in modules),
         target_parameters=target_parameters,
     )
+    return with_saved_and_biases(recipe, adapters, base, plan)
+
+
+def with_saved_and_biases(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo, plan: Plan) -> Plan:
+    """Add the modules_to_save tensors and the lora_bias modules to ``plan`` (checked against the base)."""
+    saved = [_saved_plan(recipe, adapters, base, name) for name in sorted({n for a in adapters for n in a.saved})]
+    biased = tuple(m.path for m in plan.modules if any(m.path in adapters[s.adapter].biases for s in m.sources))
+    embeddings = [m.path for m in plan.modules if m.kind == "embedding"]
+    if biased and embeddings:
+        raise UnsupportedAdapterError(
+            "adapters",
+            "lora_bias adapters without embedding LoRAs in the same merge (PEFT has no lora_bias on embeddings)",
+            f"lora_bias on {biased[0]} and an embedding LoRA on {embeddings[0]}",
+            "merge the embedding adapter separately",
+        )
+    entries = tuple(sorted({e for a in adapters if a.saved for e in a.config.get("modules_to_save") or []}))
+    saved_bytes = sum(math.prod(s.shape) * BYTES_F32 for s in saved)
+    peak = max([plan.peak_bytes] + [(len(s.sources) + 2) * math.prod(s.shape) * BYTES_F32 for s in saved])
+    return replace(
+        plan,
+        saved=tuple(sorted(saved, key=lambda s: s.name)),
+        modules_to_save=entries,
+        biased=biased,
+        bytes_read=plan.bytes_read + sum(s.nbytes for p in saved for s in p.sources) + saved_bytes,
+        bytes_written=plan.bytes_written + (0 if recipe.output == "model" else saved_bytes),
+        peak_bytes=peak,
+    )
+
+
+def _saved_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo, name: str) -> SavedPlan:
+    """One modules_to_save tensor: every adapter's copy must match the base tensor's shape and be a float."""
+    base_key = base.key_of.get(name)
+    path = name.rsplit(".", 1)[0]
+    sources = []
+    for i, adapter in enumerate(adapters):
+        key = adapter.saved.get(name)
+        if key is None:
+            continue
+        info = adapter.index.infos[key]
+        where = f"adapter '{adapter.name}' tensor {key}"
+        if base_key is None:
+            raise AdapterError(
+                where, f"a base tensor {name} (modules_to_save)", base.missing_tensor(path), "check the base model"
+            )
+        base_shape = base.index.infos[base_key].shape
+        if tuple(info.shape) != tuple(base_shape) or info.dtype not in FLOAT_TAGS:
+            raise UnsupportedAdapterError(
+                where,
+                f"a float copy of the base's {base_key}, shape {tuple(base_shape)}",
+                f"{info.dtype} of shape {tuple(info.shape)} (a resized vocabulary?)",
+                "merge it into the model with PEFT",
+            )
+        sources.append(Source(i, 0, module_weight(recipe, i, path, base.num_layers), info.nbytes))
+    assert base_key is not None  # some adapter saves ``name``
+    return SavedPlan(name, base_key, tuple(base.index.infos[base_key].shape), tuple(sources))
 
 
 def usable_rank(method: MergeMethod, module: ModulePlan, params: MethodParams) -> int:

@@ -80,6 +80,16 @@ def with_math(d: Path, **merge: object) -> dict:
     return recipe
 
 
+def saved_head(shape: tuple[int, int]) -> Callable[[Path], None]:
+    """An edit: a modules_to_save copy of lm_head of ``shape`` (the base's is (100, 64))."""
+
+    def edit(adapter: Path) -> None:
+        edit_config(adapter, modules_to_save=["lm_head"])
+        edit_tensors(adapter, lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(shape)}))
+
+    return edit
+
+
 def broken_adapter(edit: Callable[[Path], None]) -> Callable[[Path], list[str]]:
     """A case: copy 'math', apply ``edit`` to the copy, merge."""
 
@@ -447,7 +457,11 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         ),
         "another tensor",
     ),
-    ("module_not_in_base", broken_adapter(rename_layer), "none in the base model"),
+    (
+        "module_not_in_base",
+        broken_adapter(rename_layer),
+        "found no tensor model.layers.7.mlp.down_proj.weight in the base (keys as transformers loads LlamaForCausalLM); nearest: model.layers.1.mlp.down_proj.weight",
+    ),
     (
         "embedding_copy_trained",
         broken_adapter(embedding_with_base_copy((100, 64))),
@@ -456,8 +470,14 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("embedding_copy_resized", broken_adapter(embedding_with_base_copy((101, 64))), "(a resized vocabulary)"),
     ("dora_config", broken_adapter(lambda a: edit_config(a, use_dora=True)), "use_dora: True (DoRA"),
     ("dora_built_by_peft", real_dora, "DoRA"),
-    ("lora_bias", broken_adapter(lambda a: edit_config(a, lora_bias=True)), "lora_bias: True"),
-    ("modules_to_save", broken_adapter(lambda a: edit_config(a, modules_to_save=["lm_head"])), "modules_to_save"),
+    (
+        "lora_bias_tensor_without_flag",
+        broken_adapter(
+            lambda a: edit_tensors(a, lambda t: t.update({Q_A.replace("lora_A.weight", "lora_B.bias"): torch.ones(64)}))
+        ),
+        "another tensor",
+    ),
+    ("modules_to_save_resized", broken_adapter(saved_head((101, 64))), "(a resized vocabulary?)"),
     ("bias_all", broken_adapter(lambda a: edit_config(a, bias="all")), "bias: 'all'"),
     ("pissa_init", broken_adapter(lambda a: edit_config(a, init_lora_weights="pissa")), "rewrites the base weights"),
     ("not_lora", broken_adapter(lambda a: edit_config(a, peft_type="IA3")), "peft_type LORA"),

@@ -151,5 +151,5 @@ def test_missing_tensor_names_the_key_and_near_names(tmp_path: Path, vlms: dict)
         soupkit_merge(tmp_path, {"base": base, "lone": lone}, {"lone": 1.0}, "cat", "adapter")
     line = err.value.line()
     assert "no tensor model.language_model.layers.7.self_attn.q_proj.weight in the base" in line, line
-    assert "renamed as transformers loads LlavaForConditionalGeneration" in line, line
+    assert "keys as transformers loads LlavaForConditionalGeneration" in line, line
     assert "nearest: model.language_model.layers.1.self_attn.q_proj.weight" in line, line

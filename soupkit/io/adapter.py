@@ -27,6 +27,7 @@ SUFFIXES: dict[str, tuple[str, str]] = {
 }
 Kind = Literal["linear", "embedding", "param"]
 BASE_LAYER_COPY = ".base_layer.weight"
+LORA_BIAS = ".lora_B.bias"  # lora_bias: PEFT's lora_B is a Linear with a bias; the update adds s * bias
 BASE_LAYER = ".base_layer"  # PEFT nests one ParamWrapper per targeted parameter of a module under this name
 
 
@@ -126,8 +127,6 @@ def shown_targets(config: dict) -> str:
 # base), with the reason shown to the user. Values that are falsy (None, False, {}, []) are fine.
 REFUSED_FIELDS: dict[str, str] = {
     "use_dora": "DoRA rescales W + dB per row: not a low-rank update",
-    "lora_bias": "lora_bias adds a bias vector: not a low-rank update",
-    "modules_to_save": "modules_to_save holds full module copies: not a low-rank update",
     "trainable_token_indices": "trainable_token_indices holds extra token embeddings",
     "layer_replication": "layer_replication changes the model's layer stack",
     "kasa_config": "KaSA adds a singular-value modulation",
@@ -138,6 +137,11 @@ REFUSED_FIELDS: dict[str, str] = {
     "alora_invocation_tokens": "aLoRA applies only after invocation tokens",
     "use_qalora": "QA-LoRA pools the input groups",
 }
+# what soupkit says wherever an adapter keeps modules_to_save (card, inspect, stderr)
+VLLM_MODULES_TO_SAVE = (
+    "vLLM refuses adapters with modules_to_save ('vLLM only supports modules_to_save being None'): "
+    "serve the full model (output: model), or merge with --serving vllm --drop-modules-to-save"
+)
 # init schemes that rewrite the base weights, so the adapter's delta is relative to a different base
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 FLOAT_TAGS = {"F16", "BF16", "F32", "F64"}
@@ -229,6 +233,8 @@ class LoraAdapter:
         # against the base model's parameters and adds their ModuleSpecs to ``modules``
         self.param_wrappers: dict[tuple[str, int], dict[str, str]] = {}
         self._cached: dict[str, torch.Tensor] = {}  # the last A and B of a 3-D parameter: its E experts share them
+        self.biases: dict[str, str] = {}  # lora_bias: module path -> key of its lora_B.bias (d_out,)
+        self.saved: dict[str, str] = {}  # modules_to_save: tensor name (``lm_head.weight``) -> key of the trained copy
         self.modules = self._scan_modules()
 
     def _scan_modules(self) -> dict[str, ModuleSpec]:
@@ -239,7 +245,13 @@ class LoraAdapter:
                 path = key.removeprefix(PREFIX).removesuffix(BASE_LAYER_COPY)
                 self.base_layer_copies[path] = key
                 continue
+            if key.endswith(LORA_BIAS) and self.config.get("lora_bias"):
+                self.biases[key.removeprefix(PREFIX).removesuffix(LORA_BIAS)] = key
+                continue
             suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+            if suffix is None and self._saved_module(key):
+                self.saved[key.removeprefix(PREFIX)] = key
+                continue
             if suffix is None:
                 raise UnsupportedAdapterError(
                     f"adapter '{self.name}' tensor {key}",
@@ -263,6 +275,11 @@ class LoraAdapter:
             for path in [p for p in parts if self._param_wrapper(p)]:
                 depth = path.count(BASE_LAYER)
                 self.param_wrappers[(path.replace(BASE_LAYER, ""), depth)] = parts.pop(path)
+        for path, key in self.biases.items():
+            if path not in parts:
+                raise AdapterError(
+                    f"adapter '{self.name}' tensor {key}", "a lora_B.bias beside its LoRA", "a bias alone", "re-save it"
+                )
         for path in sorted(parts):
             if not peft_targets(self.config, path):
                 raise UnsupportedAdapterError(
@@ -278,6 +295,12 @@ class LoraAdapter:
         if BASE_LAYER in path:  # nested wrappers: a second targeted parameter of one module
             return True
         return self.config.get("target_modules") in (None, [], "") or not peft_targets(self.config, path)
+
+    def _saved_module(self, key: str) -> bool:
+        """Whether ``key`` is a tensor of a module PEFT saves whole (``modules_to_save``, matched by name suffix)."""
+        entries = self.config.get("modules_to_save") or []
+        module = key.removeprefix(PREFIX).rsplit(".", 1)[0]
+        return isinstance(entries, list) and any(module == e or module.endswith(f".{e}") for e in entries)
 
     def _module_spec(self, path: str, kind: str, keys: dict[str, str]) -> ModuleSpec:
         where = f"adapter '{self.name}' module {path}"
@@ -336,6 +359,28 @@ class LoraAdapter:
                     "retrain or repair the adapter",
                 )
         return LoraFactors(A=A, B=B)
+
+    def load_bias(self, path: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """lora_bias: module ``path``'s bias update s * b, (d_out,) float32 on ``device``."""
+        bias = self._read(self.biases[path]).to(device=device, dtype=torch.float32) * self.modules[path].scale
+        self._check_finite(self.biases[path], bias)
+        return bias
+
+    def load_saved(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """modules_to_save: the trained copy of tensor ``name`` (e.g. ``lm_head.weight``), float32 on ``device``."""
+        tensor = self._read(self.saved[name]).to(device=device, dtype=torch.float32)
+        self._check_finite(self.saved[name], tensor)
+        return tensor
+
+    def _check_finite(self, key: str, tensor: torch.Tensor) -> None:
+        if not all_finite(tensor):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterError(
+                f"adapter '{self.name}' tensor {key}",
+                "finite values",
+                f"{bad} NaN or Inf entries",
+                "retrain or repair the adapter",
+            )
 
     def _read(self, key: str, keep: bool = False) -> torch.Tensor:
         """One stored tensor; a file safetensors cannot parse is a user error, not a traceback.

@@ -99,7 +99,7 @@ class BaseModelInfo:
         leaf = key.rsplit(".", 2)[-2]
         near = difflib.get_close_matches(key, [n for n in names if f".{leaf}." in f".{n}"] or names, n=2, cutoff=0.0)
         layout = self.layout()
-        how = f"renamed as transformers loads {layout.architecture}" if layout.architecture else (layout.problem or "")
+        how = f"keys as transformers loads {layout.architecture}" if layout.architecture else (layout.problem or "")
         return f"no tensor {key} in the base ({how}); nearest: {', '.join(near) or 'none'}"
 
     def check_module(self, adapter: LoraAdapter, spec: ModuleSpec) -> None:

@@ -17,6 +17,7 @@ Conventions (documented in docs/methods.md):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 import torch
@@ -77,6 +78,16 @@ class DenseMethod(MergeMethod):
 
     def forms_dense(self, params: MethodParams) -> bool:
         return not in_core(params)
+
+    full_tensor_rule = "the method's own rule (sparsify each d_i, combine, x lambda) on each whole tensor, per tensor"
+
+    def merge_full(
+        self, deltas: list[torch.Tensor], weights: list[float], params: MethodParams, ctx: MergeContext
+    ) -> torch.Tensor:
+        # per tensor (scope: module): the global thresholds of ``prepare`` were computed over the LoRA updates only
+        flat = [d.reshape(1, -1) if d.dim() == 1 else d for d in deltas]  # a bias vector as one row
+        merged = self.combine_coordinates(lambda j: flat[j], weights, params, replace(ctx, state=None))
+        return merged.reshape(deltas[0].shape)
 
     def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:
         """The method's per-adapter rule on the dense delta of input j (default: keep all)."""

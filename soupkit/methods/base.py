@@ -157,6 +157,22 @@ class MergeMethod(ABC):
         """
         return None
 
+    # How whole-tensor deltas are merged (modules_to_save copies minus the base, lora_bias vectors): docs/adapters.md
+    full_tensor_rule: ClassVar[str] = "weighted sum: sum_i w_i d_i"
+
+    def merge_full(
+        self, deltas: list[torch.Tensor], weights: list[float], params: MethodParams, ctx: MergeContext
+    ) -> torch.Tensor:
+        """Merge whole-tensor deltas d_i (any shape, float32), one per adapter that has the tensor.
+
+        Default: the weighted sum, the rule every factor-space method applies to its updates
+        (exact for cat and linear). Dense-delta methods override it with their own rule.
+        """
+        merged = torch.zeros_like(deltas[0])
+        for delta, w in zip(deltas, weights):
+            merged.add_(delta, alpha=w)
+        return merged
+
     @abstractmethod
     def merge(self, factors: list[LoraFactors], weights: list[float], params: MethodParams, ctx: MergeContext) -> MergeResult:
         """Merge one module. ``factors`` and ``weights`` are aligned, one entry per adapter present."""
