@@ -68,7 +68,16 @@ def merge_recipe(
 
 def serving_plan(recipe: Recipe, plan: Plan, options: RunOptions) -> Plan:
     """Apply ``--serving vllm`` / ``--drop-modules-to-save`` to an adapter output that keeps modules_to_save."""
-    if not plan.saved or recipe.output == "model":  # a full model folds them in: every loader takes it
+    if recipe.output == "model":  # a full model folds them in: every loader takes it
+        return plan
+    if plan.biased and options.serving == "vllm":
+        raise SoupkitError(
+            "--serving vllm",
+            "an adapter vLLM can load",
+            f"lora_bias on {len(plan.biased)} modules (vLLM loads no lora_B.bias; its LoRA bias support is deprecated)",
+            "write a full model (--output-type model)",
+        )
+    if not plan.saved:
         return plan
     names = ", ".join(s.name for s in plan.saved)
     if options.drop_modules_to_save:

@@ -209,6 +209,16 @@ def test_serving_vllm_refuses_or_drops(tmp_path: Path, zoo: dict, capsys: pytest
     assert "vLLM refuses adapters with modules_to_save" in capsys.readouterr().err
 
 
+def test_serving_vllm_refuses_lora_bias(tmp_path: Path, zoo: dict) -> None:
+    recipe = Recipe.from_dict(
+        {"base_model": str(zoo["base"]), "adapters": [{"name": "p", "path": str(zoo["p"])}], "merge": {"method": "cat"}},
+        tmp_path,
+    )
+    with pytest.raises(SoupkitError, match="lora_bias on 4 modules"):
+        merge_recipe(recipe, tmp_path / "refused", RunOptions(progress=False, serving="vllm"))
+    assert not (tmp_path / "refused").exists()
+
+
 def test_inspect_says_vllm_refuses(zoo: dict) -> None:
     from soupkit.describe import describe_adapter
 
