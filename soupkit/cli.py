@@ -332,5 +332,62 @@ def verify(out: Path) -> None:
         sys.exit(1)
 
 
+@main.command(
+    "eval",
+    epilog=examples(
+        "soupkit eval recipes/cat.yaml --data examples/tiny/calib.jsonl",
+        "soupkit eval out/cat --data val.jsonl --metric exact --max-new-tokens 32 --json",
+        "soupkit eval merged-model/ --data val.jsonl --metric python:myscorers:score --out per-example.jsonl",
+    ),
+)
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="JSON lines: text | prompt+completion | messages, optionally with 'reference'.")
+@click.option(
+    "--metric",
+    default="loss",
+    show_default=True,
+    help="loss | exact | contains | regex:PATTERN | python:module:function | lm-eval:TASK[,TASK] (docs/sweep.md).",
+)
+@click.option(
+    "--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Generation metrics: new tokens."
+)
+@click.option(
+    "--stop", multiple=True, help="Generation metrics: stop at this string (repeatable); end-of-turn tokens always stop."
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per forward / generate call."
+)
+@click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="loss: tokens kept per example.")
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU if there is one), cpu, cuda or cuda:N.")
+@click.option("--base", type=click.Path(path_type=Path), help="Base model folder of an adapter TARGET (default: its config's).")
+@click.option("--json", "as_json", is_flag=True, help='Print one JSON line {"metric", "score", "n", "stderr"}.')
+@click.option("--out", type=click.Path(path_type=Path), help="Write per-example results here (JSON lines).")
+@click.option("--overwrite", is_flag=True, help="Replace an --out file soupkit eval wrote before.")
+def eval_command(
+    target: Path,
+    data: str,
+    metric: str,
+    device: str,
+    base: Path | None,
+    as_json: bool,
+    out: Path | None,
+    overwrite: bool,
+    **opts: object,
+) -> None:
+    """Score TARGET (a recipe, merged in memory; an adapter folder; or a full model folder) on --data."""
+    import json
+
+    from soupkit.eval.command import run_eval
+    from soupkit.eval.run import EvalOptions
+
+    options = EvalOptions(**{**opts, "stop": tuple(opts["stop"]), "progress": True})  # type: ignore[arg-type]
+    result = run_eval(target, data, metric, options, device, base, out, overwrite)
+    if as_json:
+        click.echo(json.dumps(result.summary()))
+        return
+    spread = f" ± {result.stderr:.4f} (standard error)" if result.stderr is not None else ""
+    click.echo(f"{result.metric}: {result.score:.4f}{spread} over {result.n} examples")
+
+
 if __name__ == "__main__":
     main()

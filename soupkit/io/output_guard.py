@@ -43,7 +43,7 @@ class OutputTarget:
 
     @property
     def is_dir(self) -> bool:
-        return self.kind != "fitted-recipe"
+        return self.kind not in ("fitted-recipe", "eval-results")
 
     @property
     def where(self) -> str:

@@ -20,9 +20,12 @@ FITTED_HEADER = "# fitted by soupkit fit-alpha"  # first line of every fitted re
 REPORT_MARKER = '{\n  "written_by": "soupkit fit-alpha"'  # how every fit_report.json starts
 REPORT_FILES = ("fit_report.json", "weights.png", "loss.png")
 ANALYSIS_MARKER = "soupkit analyze"  # the first key of every analysis.json: {"written_by": ...}
+EVAL_HEADER = "soupkit eval"  # the first line of every --out file: {"written_by": "soupkit eval", ...}
+SWEEP_MARKER = '{"written_by": "soupkit sweep"'  # how every sweep.json starts
+SWEEP_FILES = ("sweep.json", "study.db", "best.yaml", "leaderboard.json", "leaderboard.md")
 MARKER_BYTES = 8 << 20  # a lock file larger than this is not one soupkit wrote
 
-Kind = Literal["merge", "fitted-recipe", "fit-report", "analysis"]
+Kind = Literal["merge", "fitted-recipe", "fit-report", "analysis", "eval-results", "sweep"]
 
 
 def _regular(path: Path) -> bool:
@@ -77,9 +80,31 @@ def _fitted_recipe_problem(path: Path) -> str | None:
     return "a file soupkit fit-alpha did not write"
 
 
+def _eval_results_problem(path: Path) -> str | None:
+    marker = f'{{"written_by": "{EVAL_HEADER}"'
+    if _regular(path) and _head(path, len(marker)) == marker:
+        return None
+    return "a file soupkit eval did not write"
+
+
+def _sweep_problem(folder: Path) -> str | None:
+    """None for a sweep folder (resumed in place), else what the folder holds instead."""
+    marker = folder / SWEEP_FILES[0]
+    if not _regular(marker) or _head(marker, len(SWEEP_MARKER)) != SWEEP_MARKER:
+        return f"a folder soupkit did not write (no {SWEEP_FILES[0]} written by soupkit sweep)"
+    extra = sorted(
+        f.name
+        for f in folder.iterdir()
+        if not _regular(f) or not (f.name in SWEEP_FILES or f.suffix == ".png" or f.name.startswith("study.db-"))
+    )
+    return f"files soupkit did not write ({', '.join(extra[:3])})" if extra else None
+
+
 OWNERSHIP: dict[Kind, Callable[[Path], str | None]] = {
     "merge": _merge_output_problem,
     "fit-report": _fit_report_problem,
     "fitted-recipe": _fitted_recipe_problem,
     "analysis": _analysis_problem,
+    "eval-results": _eval_results_problem,
+    "sweep": _sweep_problem,
 }
