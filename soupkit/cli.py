@@ -389,5 +389,30 @@ def eval_command(
     click.echo(f"{result.metric}: {result.score:.4f}{spread} over {result.n} examples")
 
 
+@main.command(
+    epilog=examples(
+        "soupkit sweep examples/sweep/tiny_sweep.yaml -o out/sweep",
+        "soupkit sweep examples/sweep/tiny_sweep.yaml -o out/sweep --trials 40   # continue to 40 trials",
+        "soupkit sweep sweep.yaml -o out/sweep --workers 4 --storage postgresql://host/db",
+    )
+)
+@click.argument("sweep_file", metavar="SWEEP", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="The sweep's folder (a rerun continues it).")
+@click.option("--trials", type=click.IntRange(min=1), help="Trials in the study in all (default: search.trials).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes, over the visible GPUs.")
+@click.option("--storage", help="An optuna storage URL shared by several runs (default: DIR/study.db).")
+@click.option("--device", default="auto", show_default=True, help="auto (GPUs if any), cpu, cuda or cuda:N.")
+def sweep(sweep_file: Path, out: Path, trials: int | None, workers: int, storage: str | None, device: str) -> None:
+    """Search methods, parameters and weights of SWEEP (a recipe with a search: block); write DIR/best.yaml."""
+    from soupkit.sweep.run import run_sweep
+
+    outcome = run_sweep(sweep_file, out, trials, workers, storage, device)
+    click.echo(f"wrote {out}/: {outcome.trials} trials ({outcome.failed} failed), leaderboard.md, best.yaml")
+    if outcome.best is not None:
+        b = outcome.best
+        test = f", test {b['test']:.4f}" if b.get("test") is not None else ""
+        click.echo(f"best: trial {b['number']} {b['method']} validation {b['validation']:.4f}{test}")
+
+
 if __name__ == "__main__":
     main()

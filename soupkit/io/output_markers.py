@@ -21,7 +21,7 @@ REPORT_MARKER = '{\n  "written_by": "soupkit fit-alpha"'  # how every fit_report
 REPORT_FILES = ("fit_report.json", "weights.png", "loss.png")
 ANALYSIS_MARKER = "soupkit analyze"  # the first key of every analysis.json: {"written_by": ...}
 EVAL_HEADER = "soupkit eval"  # the first line of every --out file: {"written_by": "soupkit eval", ...}
-SWEEP_MARKER = '{"written_by": "soupkit sweep"'  # how every sweep.json starts
+SWEEP_WRITER = "soupkit sweep"  # the first key of every sweep.json: {"written_by": ...}
 SWEEP_FILES = ("sweep.json", "study.db", "best.yaml", "leaderboard.json", "leaderboard.md")
 MARKER_BYTES = 8 << 20  # a lock file larger than this is not one soupkit wrote
 
@@ -90,7 +90,8 @@ def _eval_results_problem(path: Path) -> str | None:
 def _sweep_problem(folder: Path) -> str | None:
     """None for a sweep folder (resumed in place), else what the folder holds instead."""
     marker = folder / SWEEP_FILES[0]
-    if not _regular(marker) or _head(marker, len(SWEEP_MARKER)) != SWEEP_MARKER:
+    expected = f'{{"written_by":"{"".join(SWEEP_WRITER.split())}"'  # compared without whitespace, as analysis.json
+    if not _regular(marker) or not "".join(_head(marker, 100).split()).startswith(expected):
         return f"a folder soupkit did not write (no {SWEEP_FILES[0]} written by soupkit sweep)"
     extra = sorted(
         f.name
