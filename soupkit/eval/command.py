@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from soupkit.eval.data import check_prompts, read_eval_records
+from soupkit.eval.data import check_metric_fields, read_eval_records
 from soupkit.eval.metrics import parse_metric
 from soupkit.eval.model import pick_device
 from soupkit.eval.run import EvalOptions, EvalResult, score_model
@@ -34,8 +34,7 @@ def run_eval(
     """Score ``target`` on ``data``; every user error is raised before the model loads or a file is written."""
     metric = parse_metric(metric_spec)
     records = read_eval_records(data, "--data") if metric.kind != "lm-eval" else []
-    if metric.kind == "generate":
-        check_prompts(records, "--data")
+    check_metric_fields(records, "--data", metric.kind)
     out_target = None
     if out is not None:
         out_target = resolve_output(out, "--out", "eval-results")

@@ -31,16 +31,28 @@ def read_eval_records(source: str, where: str) -> list[dict]:
     records = read_records(source, where)
     if not records:
         raise SoupkitError(where, "at least one record", f"an empty data set ({source})", "add examples to the file")
-    check_record_shapes(records, where)
     for i, record in enumerate(records):
+        if not any(k in record for k in ("text", "prompt", "messages")):
+            keys = ", ".join(sorted(record))[:80]
+            raise SoupkitError(
+                f"{where} record {i}", "a 'text', 'prompt' or 'messages' field", f"keys [{keys}]", "use one of these formats"
+            )
         ref = record.get("reference")
         if ref is not None and not isinstance(ref, str | int | float):
             raise SoupkitError(f"{where} record {i}", "'reference' as a string", type(ref).__name__, "fix the record")
     return records
 
 
+def check_metric_fields(records: list[dict], where: str, kind: str) -> None:
+    """What the metric needs, checked before any model loads: loss needs a scored part, generation a prompt."""
+    if kind == "loss":
+        check_record_shapes(records, where)
+    elif kind == "generate":
+        check_prompts(records, where)
+
+
 def check_prompts(records: list[dict], where: str) -> None:
-    """Generation metrics need a prompt in every record (checked before any model loads)."""
+    """Generation metrics need a prompt in every record."""
     for i, record in enumerate(records):
         if "prompt" not in record and "messages" not in record:
             raise SoupkitError(

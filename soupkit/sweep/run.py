@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from soupkit.eval.data import check_disjoint_data, check_prompts, read_eval_records
+from soupkit.eval.data import check_disjoint_data, check_metric_fields, read_eval_records
 from soupkit.eval.metrics import parse_metric
 from soupkit.eval.model import pick_device
 from soupkit.execute import open_inputs
@@ -43,8 +43,7 @@ def check_sweep_inputs(sweep: Sweep) -> None:
     for name in ("validation", "test"):
         if getattr(sweep.search.data, name) and metric.kind != "lm-eval":
             records = read_eval_records(sweep.data_path(name), f"search.data.{name}")
-            if metric.kind == "generate":
-                check_prompts(records, f"search.data.{name}")
+            check_metric_fields(records, f"search.data.{name}", metric.kind)
     if sweep.search.data.test:
         check_disjoint_data(sweep.data_path("validation"), sweep.data_path("test"), "search.data")
 
