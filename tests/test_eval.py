@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY, reference_deltas, tiny_recipe, weighted_sum, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from soupkit.cli import main
 from soupkit.eval.generate import generate
 from soupkit.eval.metrics import contains, exact, regex_scorer
+
+from conftest import TINY, reference_deltas, tiny_recipe, weighted_sum, write_recipe
 
 DATA = TINY / "calib.jsonl"
 

@@ -28,6 +28,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("merge", {"merge"}),
     ("fit", {"fit"}),
     ("reports", {"describe", "verify", "analyze"}),
+    ("eval", {"eval"}),  # score a recipe, adapter or model (reuses fit's data formats)
+    ("sweep", {"sweep"}),  # optuna search over recipes, scored with eval
     ("cli", {"cli", "testing"}),  # testing: tiny models for tests and examples; nothing in soupkit uses it
     ("entry point", {"__main__"}),
 ]

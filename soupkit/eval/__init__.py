@@ -7,6 +7,7 @@ updates), ``generate`` and ``loss`` (the raw scores), ``run`` (a score with its 
 
 from soupkit.eval.generate import generate
 from soupkit.eval.metrics import Metric, parse_metric
-from soupkit.eval.run import EvalOptions, EvalResult, score_model
+from soupkit.eval.result import EvalResult
+from soupkit.eval.run import EvalOptions, score_model
 
 __all__ = ["EvalOptions", "EvalResult", "Metric", "generate", "parse_metric", "score_model"]

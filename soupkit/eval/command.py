@@ -8,7 +8,8 @@ from pathlib import Path
 from soupkit.eval.data import check_metric_fields, read_eval_records
 from soupkit.eval.metrics import parse_metric
 from soupkit.eval.model import pick_device
-from soupkit.eval.run import EvalOptions, EvalResult, score_model
+from soupkit.eval.result import EvalResult
+from soupkit.eval.run import EvalOptions, score_model
 from soupkit.eval.target import load_target
 from soupkit.io.output_guard import atomic_file, check_apart, check_replaceable, claim, resolve_output
 from soupkit.io.output_markers import EVAL_HEADER

@@ -16,6 +16,7 @@ import yaml
 from soupkit.errors import SoupkitError
 from soupkit.eval.metrics import Metric
 from soupkit.eval.model import ScoringModel
+from soupkit.eval.result import EvalResult
 
 
 def _harness() -> Any:
@@ -49,9 +50,7 @@ def _first_metric(result: dict) -> tuple[str, float, float | None]:
     raise SoupkitError("--metric lm-eval", "a numeric metric in the task's results", f"keys {sorted(result)}", "check the task")
 
 
-def score_lm_eval(scoring: ScoringModel, metric: Metric, batch_size: int) -> Any:
-    from soupkit.eval.run import EvalResult
-
+def score_lm_eval(scoring: ScoringModel, metric: Metric, batch_size: int) -> EvalResult:
     lm_eval = _harness()
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

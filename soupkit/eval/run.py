@@ -6,7 +6,7 @@ import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from soupkit.eval.data import EvalRecord, eval_records
@@ -14,6 +14,7 @@ from soupkit.eval.generate import generate
 from soupkit.eval.loss import example_nll
 from soupkit.eval.metrics import Metric, checked_score
 from soupkit.eval.model import ScoringModel
+from soupkit.eval.result import EvalResult
 from soupkit.fit.data import tokenize_record
 
 
@@ -26,20 +27,6 @@ class EvalOptions:
     batch_size: int = 8
     seq_len: int = 2048
     progress: bool = False
-
-
-@dataclass
-class EvalResult:
-    """A score (mean over examples, or per token for loss), its standard error, and each example's result."""
-
-    metric: str
-    score: float
-    n: int
-    stderr: float | None
-    examples: list[dict[str, Any]] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        return {"metric": self.metric, "score": self.score, "n": self.n, "stderr": self.stderr}
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float | None]:

@@ -56,18 +56,18 @@ def worker_devices(device: str, workers: int) -> list[str]:
     return [device] * workers
 
 
-def _worker(path: str, url: str, direction: str, fingerprint: dict, device: str, total: int) -> None:
+def _worker(path: str, url: str, direction: str, fingerprint: dict, device: str, total: int, index: int) -> None:
     """A worker process: its own model on its device, the shared study, trials until the budget is used."""
     sweep = load_sweep(Path(path))
-    study = open_study(sweep, url, direction, fingerprint)
+    study = open_study(sweep, url, direction, fingerprint, worker=index)
     run_trials(TrialRunner(sweep, pick_device(device)), study, total)
 
 
 def _run_workers(sweep: Sweep, url: str, direction: str, fingerprint: dict, devices: list[str], total: int) -> None:
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     procs = [
-        context.Process(target=_worker, args=(str(sweep.path), url, direction, fingerprint, d, total), daemon=True)
-        for d in devices
+        context.Process(target=_worker, args=(str(sweep.path), url, direction, fingerprint, d, total, i), daemon=True)
+        for i, d in enumerate(devices)
     ]
     try:
         for p in procs:

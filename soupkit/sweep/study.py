@@ -28,9 +28,14 @@ def storage_url(out: Path, storage: str | None) -> str:
     return storage or f"sqlite:///{out / 'study.db'}"
 
 
-def make_sampler(sweep: Sweep) -> Any:
+def make_sampler(sweep: Sweep, stream: int = 0) -> Any:
+    """The sampler, seeded from search.seed and ``stream``: each worker, and each resumed run, draws anew.
+
+    Samplers restart their generator from the seed: two workers, or a rerun, seeded alike would
+    propose the very same first points again.
+    """
     optuna = optuna_module()
-    seed, name = sweep.search.seed, sweep.search.sampler
+    seed, name = (sweep.search.seed * 1_000_003 + stream) % 2**32, sweep.search.sampler
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if name == "cmaes":
@@ -47,16 +52,15 @@ def grid_size(sweep: Sweep) -> int:
     return size
 
 
-def open_study(sweep: Sweep, url: str, direction: str, fingerprint: dict) -> Any:
+def open_study(sweep: Sweep, url: str, direction: str, fingerprint: dict, worker: int = 0) -> Any:
     """Create or load the study; refuse one whose search space differs from this sweep file's."""
     optuna = optuna_module()
     storage = url
     if url.startswith("sqlite:"):  # several local workers share the file: wait for its lock instead of failing
         storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
     try:
-        study = optuna.create_study(
-            study_name=STUDY_NAME, storage=storage, direction=direction, sampler=make_sampler(sweep), load_if_exists=True
-        )
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction=direction, load_if_exists=True)
+        study.sampler = make_sampler(sweep, 7919 * worker + len(study.get_trials(deepcopy=False)))
     except (ValueError, ImportError, RuntimeError) as err:
         raise SoupkitError("--storage", "a reachable optuna storage URL", f"{url} ({err})"[:200], "check the URL") from None
     stored = study.user_attrs.get(FINGERPRINT_KEY)

@@ -16,7 +16,8 @@ import torch
 from soupkit.errors import SoupkitError
 from soupkit.eval.data import read_eval_records
 from soupkit.eval.metrics import parse_metric
-from soupkit.eval.run import EvalOptions, EvalResult, score_model
+from soupkit.eval.result import EvalResult
+from soupkit.eval.run import EvalOptions, score_model
 from soupkit.eval.target import RecipeScorer
 from soupkit.recipe.schema import validate_recipe
 from soupkit.sweep.space import Candidate, candidate_recipe, suggest
