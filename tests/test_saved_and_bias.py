@@ -226,3 +226,15 @@ def test_inspect_says_vllm_refuses(zoo: dict) -> None:
     assert "modules_to_save: base_model.model" not in text and "lm_head.weight" in text
     assert "vLLM refuses adapters with modules_to_save" in text
     assert "lora_bias: 4 modules" in describe_adapter(zoo["p"])
+
+
+@pytest.mark.parametrize("name", ["m", "p"])
+def test_fit_alpha_refuses_what_it_cannot_model(tmp_path: Path, zoo: dict, name: str) -> None:
+    from soupkit.fit.model import fit_targets
+
+    recipe = Recipe.from_dict(
+        {"base_model": str(zoo["base"]), "adapters": [{"name": name, "path": str(zoo[name])}], "merge": {"method": "cat"}},
+        tmp_path,
+    )
+    with pytest.raises(SoupkitError, match="fit-alpha models no modules_to_save or lora_bias"):
+        fit_targets(recipe)

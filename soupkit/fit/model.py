@@ -230,6 +230,14 @@ def fit_targets(recipe: Recipe) -> tuple[list[TargetModule], torch.Tensor, Any]:
             "embedding or Conv1D (fan_in_fan_out) LoRA",
             "fit-alpha supports Linear targets only",
         )
+    if plan.saved or plan.biased:  # the fitted model would leave them out: its weights would not fit the merge
+        found = f"modules_to_save {plan.saved[0].name}" if plan.saved else f"lora_bias on {plan.biased[0]}"
+        raise SoupkitError(
+            "adapters",
+            "plain LoRA updates (fit-alpha models no modules_to_save or lora_bias)",
+            found,
+            "fit on adapters without them",
+        )
     modules = [m for m in plan.modules if m.sources]
     targets = [
         TargetModule(m.path, m.layer, tuple(s.adapter for s in m.sources), tuple(s.rank for s in m.sources)) for m in modules
