@@ -169,7 +169,7 @@ def tied_output_key(base: BaseModelInfo, plan: Plan) -> tuple[str, str] | None:
     head too (the weight is shared), so the export unties: the head keeps the base weight.
     """
     targeted = {base.weight_key(m.path) for m in plan.modules if m.sources and m.kind == "embedding"}
-    targeted |= {s.base_key for s in plan.saved}  # a saved (modules_to_save) embedding: PEFT's head keeps the base
+    targeted |= {s.base_key for s in plan.saved}  # a saved embedding or tied head (modules_to_save): untie the two
     if not targeted:
         return None
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -289,7 +289,7 @@ def replaced_tensors(recipe: Recipe, plan: Plan, inputs: Inputs, device: torch.d
         bias = merged_bias(recipe, plan, inputs, module, device)
         out[key] = lambda key=key, bias=bias: base.index.get(key).to(device=bias.device, dtype=torch.float32).add_(bias)
     for saved in plan.saved:
-        out[saved.base_key] = lambda saved=saved: torch.add(*merged_saved(recipe, inputs, saved, device))
+        out[saved.out_key] = lambda saved=saved: torch.add(*merged_saved(recipe, inputs, saved, device))
     return out
 
 

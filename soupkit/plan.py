@@ -63,7 +63,8 @@ class SavedPlan:
     """One tensor of a ``modules_to_save`` module: merged as base + merge_full(saved_i - base)."""
 
     name: str  # by module path, e.g. ``lm_head.weight``; the adapter key is PREFIX + name
-    base_key: str  # the base checkpoint's key of the same tensor
+    base_key: str  # the base checkpoint's key of the same tensor (of the input embedding, for a tied head)
+    out_key: str  # the full-model export's key: base_key, or the untied head's name
     shape: tuple[int, ...]
     sources: tuple[Source, ...]  # the adapters that save it (rank 0)
 
@@ -193,7 +194,8 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
         modules.append(ModulePlan(path, kind, layer_of(path), d_in, d_out, tuple(sources), rank, budget, slot))
 
     check_rank_budget(recipe, method, modules)
-    check_module_globs(recipe, [m.path for m in modules])
+    saved_modules = sorted({name.rsplit(".", 1)[0] for adapter in adapters for name in adapter.saved})
+    check_module_globs(recipe, [m.path for m in modules] + saved_modules)  # overrides weight saved modules too
     rank = max((m.rank for m in modules), default=0)
     if rank == 0:
         raise AdapterError("adapters", "at least one adapted module", "no LoRA tensors", "check the adapter directories")
@@ -247,8 +249,10 @@ def with_saved_and_biases(recipe: Recipe, adapters: list[LoraAdapter], base: Bas
 
 def _saved_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo, name: str) -> SavedPlan:
     """One modules_to_save tensor: every adapter's copy must match the base tensor's shape and be a float."""
-    base_key = base.key_of.get(name)
+    base_key = out_key = base.key_of.get(name)
     path = name.rsplit(".", 1)[0]
+    if base_key is None and (tied := base.tied_source(name)) is not None:  # a saved copy of a tied lm_head
+        base_key, out_key = tied, name
     sources = []
     for i, adapter in enumerate(adapters):
         key = adapter.saved.get(name)
@@ -269,8 +273,8 @@ def _saved_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo
                 "merge it into the model with PEFT",
             )
         sources.append(Source(i, 0, module_weight(recipe, i, path, base.num_layers), info.nbytes))
-    assert base_key is not None  # some adapter saves ``name``
-    return SavedPlan(name, base_key, tuple(base.index.infos[base_key].shape), tuple(sources))
+    assert base_key is not None and out_key is not None  # some adapter saves ``name``
+    return SavedPlan(name, base_key, out_key, tuple(base.index.infos[base_key].shape), tuple(sources))
 
 
 def usable_rank(method: MergeMethod, module: ModulePlan, params: MethodParams) -> int:

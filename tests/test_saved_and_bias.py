@@ -238,3 +238,30 @@ def test_fit_alpha_refuses_what_it_cannot_model(tmp_path: Path, zoo: dict, name:
     )
     with pytest.raises(SoupkitError, match="fit-alpha models no modules_to_save or lora_bias"):
         fit_targets(recipe)
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_modules_to_save_on_tied_embeddings(tmp_path: Path, saved: str) -> None:
+    """A tied base (no lm_head in the checkpoint): a saved head starts from the input embedding, and the full
+    model is untied, as PEFT's merge_and_unload leaves it; reference W + sum_i w_i (W'_i - W)."""
+    from peft import PeftModel
+
+    base = make_base(tmp_path / "base", seed=7, config=tiny_llama_config(tie_word_embeddings=True))
+    zoo = {"base": base}
+    for i, name in enumerate(["x", "y"]):
+        zoo[name] = make_lora(base, tmp_path / name, seed=40 + i, target_modules=["q_proj"], modules_to_save=[saved])
+    cls = model_class(base)
+    untied = {
+        k: v.double() for k, v in cls.from_pretrained(base, dtype=torch.float32, tie_word_embeddings=False).state_dict().items()
+    }
+    untied["lm_head.weight"] = untied["model.embed_tokens.weight"].clone()  # the tied head's value
+    weights = {"x": 0.6, "y": -0.3}
+    want = dict(untied)
+    for name, w in weights.items():
+        merged = PeftModel.from_pretrained(load_base(zoo), zoo[name]).merge_and_unload().state_dict()
+        want = {k: want[k] + w * (merged[k].double() - untied[k]) for k in want}
+    reference = cls.from_pretrained(base, dtype=torch.float32, tie_word_embeddings=False).eval()
+    reference.load_state_dict({k: v.float() for k, v in want.items()})
+    for output in ("adapter", "model"):
+        out = merge(tmp_path, zoo, weights, "cat", output)
+        assert close(load_output(zoo, out, output), logits(reference)), output

@@ -11,7 +11,7 @@ import torch
 
 from soupkit.errors import AdapterError, SoupkitError, UnsupportedAdapterError
 from soupkit.io.adapter import LoraAdapter, ModuleSpec
-from soupkit.io.checkpoint_layout import CheckpointLayout, checkpoint_layout
+from soupkit.io.checkpoint_layout import CheckpointLayout, checkpoint_layout, meta_model
 from soupkit.io.tensor_index import TensorIndex
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -91,6 +91,20 @@ class BaseModelInfo:
         if name in self.key_of:
             return self.key_of[name]
         return self.layout().model_to_checkpoint.get(name)
+
+    def tied_source(self, name: str) -> str | None:
+        """The checkpoint key of the input embedding when ``name`` (``lm_head.weight``) is a tied head the checkpoint omits."""
+        try:
+            model = meta_model(self.directory, self.config)
+        except ValueError:
+            return None
+        if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+            return None
+        names = {id(module): path for path, module in model.named_modules()}
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        if head is None or embed is None or f"{names.get(id(head))}.weight" != name:
+            return None
+        return self.checkpoint_key(f"{names[id(embed)]}.weight")
 
     def missing_tensor(self, path: str) -> str:
         """What to say when ``path.weight`` is not in the base: the key looked for and the nearest stored names."""
