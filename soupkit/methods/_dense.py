@@ -10,7 +10,8 @@ With ``space: core`` the same sparsify / combine rule runs on the R x R core mat
 Conventions (documented in docs/methods.md):
 - the sign election runs on the *weighted* sparsified deltas w_i * delta_i (as mergekit), so a
   weight of 0 removes an adapter entirely and negating every weight negates the result;
-- the disjoint merge is the mean over agreeing entries (as the TIES paper and PEFT);
+- the disjoint merge is the mean over agreeing entries (as the TIES paper and PEFT), or with
+  ``normalize: weights`` the agreeing sum divided by the agreeing weights' sum (mergekit's rule);
 - per-element random draws come from ``ctx.uniform`` (counter-based, keyed by the adapter's recipe name).
 """
 
@@ -42,6 +43,11 @@ Density = Annotated[float, Field(gt=0.0, le=1.0, description="Fraction of entrie
 SignRule = Literal["total", "frequency"]
 Scope = Literal["module", "global"]
 
+Normalize = Literal["count", "weights"]
+NORMALIZE_DOC = (
+    "Divisor of the disjoint merge: 'count' = number of agreeing adapters (TIES paper, PEFT), "
+    "'weights' = sum of their weights (mergekit's normalize: true; weights must be >= 0)."
+)
 SIGN_DOC = "Sign election: 'total' = sign of the sum of values, 'frequency' = sign of the count of signs."
 SCOPE_DOC = "Top-k per module, or 'global' over each adapter's whole task vector (TIES/KnOTS as published)."
 
@@ -88,6 +94,11 @@ class DenseMethod(MergeMethod):
         flat = [d.reshape(1, -1) if d.dim() == 1 else d for d in deltas]  # a bias vector as one row
         merged = self.combine_coordinates(lambda j: flat[j], weights, params, replace(ctx, state=None))
         return merged.reshape(deltas[0].shape)
+
+    def check_weights(self, params: MethodParams, weights: list[float]) -> str | None:
+        if getattr(params, "normalize", "count") == "weights" and any(w < 0 for w in weights):
+            return f"normalize: weights divides by a sum of weights, and a weight is negative ({min(weights):g})"
+        return None
 
     def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:
         """The method's per-adapter rule on the dense delta of input j (default: keep all)."""
@@ -143,7 +154,8 @@ class DenseMethod(MergeMethod):
             del x
         assert stack is not None, "a module is merged only when at least one adapter targets it"
         if self.combine == "ties":
-            merged = disjoint_mean(stack, elect_sign(stack, p.majority_sign))
+            divide_by = weights if getattr(p, "normalize", "count") == "weights" else None
+            merged = disjoint_mean(stack, elect_sign(stack, p.majority_sign), divide_by)
         else:
             merged = stack.sum(dim=0)
         del stack

@@ -139,6 +139,11 @@ class MergeMethod(ABC):
         """Whether merging one module builds d_out x d_in matrices (memory estimate of ``plan``)."""
         return self.space == "delta"
 
+    def check_weights(self, params: MethodParams, weights: list[float]) -> str | None:
+        """Return why these recipe weights (every value written, gradients and overrides included) cannot
+        be used with these parameters (or None)."""
+        return None
+
     def check_inputs(self, input_ranks: list[list[int]], params: MethodParams) -> str | None:
         """Return why these adapters cannot be merged by this method (or None).
 

@@ -3,7 +3,7 @@
 Per row of delta_i, entries ranked by |.| get keep probability p = (density - eps) + 2 eps * rn,
 rn = rank / (n - 1) in [0, 1] (larger entries are kept more often; the row mean is density).
 Kept entries are rescaled by 1/p (per entry: unbiased). Then sign election on w_i t_i, disjoint
-mean, x lambda. Seeded per (seed, module, adapter name). Best rank-k LoRA of the result.
+mean (``normalize``: by count or by the agreeing weights), x lambda. Seeded per (seed, module, adapter name). Best rank-k LoRA of the result.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from pydantic import Field, model_validator
 
 from soupkit.methods import seeds
-from soupkit.methods._dense import SIGN_DOC, DenseMethod, DenseParams, Density, SignRule, uniform_for
+from soupkit.methods._dense import NORMALIZE_DOC, SIGN_DOC, DenseMethod, DenseParams, Density, Normalize, SignRule, uniform_for
 from soupkit.methods.base import MergeContext
 from soupkit.ops import della_keep_probability, drop_and_rescale
 
@@ -23,6 +23,7 @@ class DellaParams(DenseParams):
     density: Density = 0.5
     epsilon: float = Field(0.05, ge=0.0, description="Half-width of the keep-probability range around density.")
     majority_sign: SignRule = Field("total", description=SIGN_DOC)
+    normalize: Normalize = Field("count", description=NORMALIZE_DOC)
 
     @model_validator(mode="after")
     def _probabilities_in_range(self) -> DellaParams:

@@ -86,18 +86,22 @@ def elect_sign(stack: torch.Tensor, method: str = "total") -> torch.Tensor:
     return torch.where(votes >= 0, 1.0, -1.0).to(stack.dtype)
 
 
-def disjoint_mean(stack: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def disjoint_mean(stack: torch.Tensor, sign: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
     """TIES disjoint merge: mean over the entries whose sign equals the elected one (zeros never count).
 
-    ``sum_i [sign(x_i) == g] x_i / max(1, #{i: sign(x_i) == g})`` per entry, with stack (n, ...).
+    ``sum_i [sign(x_i) == g] x_i / max(1, #{i: sign(x_i) == g})`` per entry, with stack (n, ...). With
+    ``weights`` (one per stack entry, >= 0) the divisor is the sum of the agreeing entries' weights instead,
+    and 1 where none agrees: mergekit's ``normalize: true``.
     """
     total = torch.zeros_like(stack[0])
     count = torch.zeros_like(stack[0])
-    for x in stack:  # a loop of elementwise passes: faster on CPU than reductions over dim 0
+    for j, x in enumerate(stack):  # a loop of elementwise passes: faster on CPU than reductions over dim 0
         agree = (x * sign > 0).to(x.dtype)  # same sign as the elected one; zeros never agree
         total.addcmul_(x, agree)
-        count.add_(agree)
-    return total.div_(count.clamp_min_(1))
+        count.add_(agree, alpha=1 if weights is None else weights[j])
+    if weights is None:
+        return total.div_(count.clamp_min_(1))
+    return total.div_(count.masked_fill_(count == 0, 1))
 
 
 def drop_and_rescale(delta: torch.Tensor, keep: torch.Tensor | float, uniform: torch.Tensor) -> torch.Tensor:

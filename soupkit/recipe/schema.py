@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from soupkit.errors import RecipeError, did_you_mean
-from soupkit.methods.base import MethodParams
+from soupkit.methods.base import MergeMethod, MethodParams
 from soupkit.methods.registry import REGISTRY, get_method
 from soupkit.recipe.messages import recipe_rule, to_recipe_error
 
@@ -168,12 +168,24 @@ def validate_recipe(data: object, root: Path, label: str = "recipe") -> Recipe:
         recipe.merge._params = method.Params.model_validate(recipe.merge.model_extra or {})
     except ValidationError as err:
         raise to_recipe_error(err, label, ("merge",), Recipe, method.Params) from None
+    _check_weights(recipe, method, label)
     recipe._root = root
     recipe._source = copy.deepcopy(data)
     if isinstance(lock, dict):
         versions = lock.get("versions")
         recipe._locked_versions = versions if isinstance(versions, dict) else {}
     return recipe
+
+
+def _check_weights(recipe: Recipe, method: MergeMethod, label: str) -> None:
+    """Every weight the recipe writes (a gradient's points, per-module overrides) must suit the method's
+    parameters: module weights interpolate between these values, so they stay within their range."""
+    written: list[float] = []
+    for weight in [a.weight for a in recipe.adapters] + [w for m in recipe.merge.modules for w in m.weights.values()]:
+        written.extend(weight if isinstance(weight, list) else [weight])
+    reason = method.check_weights(recipe.merge.params, written)
+    if reason:
+        raise RecipeError(f"{label}: merge.normalize", "weights >= 0 with normalize: weights", reason, "use normalize: count")
 
 
 def _check_space(merge: MergeSpec, method: str, params_model: type[BaseModel], label: str) -> None:
