@@ -263,6 +263,14 @@ class LoraAdapter:
             path = path.removeprefix(PREFIX)
             kinds[path], factor = SUFFIXES[suffix]
             parts.setdefault(path, {})[factor] = key
+        if not parts:  # nothing to merge: almost certainly the wrong file, never a silent no-op
+            files = ", ".join(str(f) for f in self.index.files)
+            raise AdapterError(
+                f"adapter '{self.name}' file {files}",
+                "at least one LoRA tensor (lora_A/lora_B or lora_embedding_A/B)",
+                "no LoRA tensor",
+                "point path at the adapter you trained (PEFT's save_pretrained writes its LoRA tensors there)",
+            )
         for path, key in self.base_layer_copies.items():
             if path not in parts:
                 raise UnsupportedAdapterError(
