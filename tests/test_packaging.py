@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,34 @@ def test_ci_script_uses_the_constraints_and_runs_ruff_and_the_docs_build() -> No
     assert "-c constraints/ci.txt" in script and "ruff check" in script and "mkdocs build --strict" in script
     docs_line = next(line for line in script.splitlines() if "mkdocs build" in line)
     assert "--quiet" not in docs_line and " -q" not in docs_line  # mkdocs' --quiet hides the warnings --strict counts
+
+
+def test_the_package_needs_no_python_newer_than_the_declared_floor() -> None:
+    """vermin reads every module of soupkit/ and names any feature newer than ``requires-python``."""
+    pytest.importorskip("vermin")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floor_version = re.fullmatch(r">=(\d+\.\d+)", project["requires-python"]).group(1)
+    found = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from vermin.main import main; sys.exit(main())",
+            "-q",
+            "--no-tips",
+            "--violations",
+            "--exclude",
+            "file",
+            f"-t={floor_version}-",
+            "soupkit",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert found.returncode == 0, f"soupkit/ needs a newer Python than {floor_version}:\n{found.stdout}{found.stderr}"
+
+
+def test_ci_merges_and_tests_under_the_declared_python_floor() -> None:
+    script = (ROOT / ".ci" / "run").read_text()
+    assert "vermin" in script and ".ci/find-python 3.10" in script and "-c constraints/py310.txt" in script
+    assert "soupkit merge recipes/cat.yaml" in script and ".venv-ci310/bin/python -m pytest" in script

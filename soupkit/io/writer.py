@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Self
 
 import torch
 
@@ -67,7 +66,7 @@ class SafetensorsStreamWriter:
         if self._next != len(self._order):
             raise RuntimeError(f"{self.path}: wrote {self._next} of {len(self._order)} tensors")
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> SafetensorsStreamWriter:  # typing.Self is Python 3.11+
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
