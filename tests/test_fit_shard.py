@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -178,3 +180,57 @@ def test_shard_without_a_launcher_is_a_one_line_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["fit-alpha", str(recipe), "--data", str(train), "--shard", "-o", str(out)])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "accelerate launch" in result.output, result.output
     assert not out.exists() and not (tmp_path / "x-report").exists()
+
+
+HELDOUT_SIZES = (1, 3, 9, 14)  # 2 processes x batch 4: rank 1 has 0, 1, 4 and 7 examples (1 and 9: fewer batches)
+
+
+def test_sharded_heldout_loss_of_any_size_finishes_and_equals_the_unsharded_loss(tmp_path: Path) -> None:
+    """FSDP forwards are collectives: a process with fewer held-out batches must still run as many forwards.
+
+    One launch evaluates every size in turn (a hang at any size stops the rest), under a timeout."""
+    from shard_eval_child import fixed_weights
+
+    from soupkit.fit.data import load_examples
+    from soupkit.fit.run import load_tokenizer
+    from soupkit.fit.train import evaluate
+    from soupkit.recipe import load_recipe
+
+    data = write_jsonl(tmp_path / "heldout.jsonl", random_text(max(HELDOUT_SIZES), seed=5))
+    recipe_path = write_recipe(tmp_path, tiny_recipe("cat"))
+    child = Path(__file__).with_name("shard_eval_child.py")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    # A new session, so that a hang kills torchrun's workers too, not just torchrun.
+    with subprocess.Popen(
+        [*launch, str(child), str(recipe_path), str(data), "4", *map(str, HELDOUT_SIZES)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as done:
+        try:
+            stdout, stderr = done.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            os.killpg(done.pid, signal.SIGKILL)
+            stdout, _ = done.communicate()
+            pytest.fail(f"sharded evaluation hung; sizes finished before the hang: {stdout.splitlines()}")
+    assert done.returncode == 0, stderr[-3000:]
+    sharded = {row["size"]: row["loss"] for row in map(json.loads, stdout.splitlines())}
+    assert sorted(sharded) == sorted(HELDOUT_SIZES), stdout
+
+    torch.set_num_threads(1)
+    recipe = load_recipe(recipe_path)
+    tokenizer, pad_id = load_tokenizer(recipe)
+    examples = load_examples(str(data), tokenizer, 64, "--data")
+    plain, _ = build_fit_model(recipe, "module", "free", CPU, torch.float32)
+    plain.fixed = fixed_weights(len(plain.targets), plain.n_adapters)
+    one_process = SimpleNamespace(process_index=0, num_processes=1, device=CPU, reduce=lambda t, reduction: t)
+    for size in HELDOUT_SIZES:
+        want = evaluate(one_process, plain, examples[:size], 4, pad_id)
+        assert sharded[size] == pytest.approx(want, rel=1e-5), size

@@ -112,15 +112,24 @@ def total_steps(options: FitOptions, n_train: int, num_processes: int) -> int:
 
 
 def evaluate(accelerator: Any, model: Any, examples: list[Example], batch_size: int, pad_id: int) -> float:
-    """Per-token loss over ``examples``, each process scoring its share, summed across processes."""
+    """Per-token loss over ``examples``, each process scoring its share, summed across processes.
+
+    Every process runs the same number of forwards: sharded (FSDP) forwards are collectives, so a
+    process with fewer batches than the others would leave them waiting forever. Rank 0 holds the most
+    examples (ceil(n / world)); a process with fewer batches scores a repeated example in their place,
+    with weight 0: computed, never counted.
+    """
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = examples[rank::world]
+    n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            batch = {k: v.to(accelerator.device) for k, v in collate(mine[i : i + batch_size], pad_id).items()}
+        for i in range(0, n_batches * batch_size, batch_size):
+            real = mine[i : i + batch_size]
+            batch = {k: v.to(accelerator.device) for k, v in collate(real or examples[:1], pad_id).items()}
             loss, count = model(**batch)
-            total += torch.stack([loss.double(), count.double()])
+            if real:  # a padding batch (weight 0) only keeps the processes in step
+                total += torch.stack([loss.double(), count.double()])
     total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1])
 
