@@ -263,7 +263,7 @@ class LoraAdapter:
             path = path.removeprefix(PREFIX)
             kinds[path], factor = SUFFIXES[suffix]
             parts.setdefault(path, {})[factor] = key
-        if not parts:  # nothing to merge: almost certainly the wrong file, never a silent no-op
+        if not parts and not self.saved:  # nothing to merge: almost certainly the wrong file, never a silent no-op
             files = ", ".join(str(f) for f in self.index.files)
             raise AdapterError(
                 f"adapter '{self.name}' file {files}",
