@@ -45,6 +45,9 @@ class Inputs:
 
     adapters: list[LoraAdapter]
     base: BaseModelInfo
+    # (adapter index, module path) -> factors on the merge device, kept between merges (soupkit sweep's
+    # trials re-merge the same inputs); None: read from the files each time (one module in memory)
+    factor_cache: dict[tuple[int, str], LoraFactors] | None = None
 
 
 def open_inputs(recipe: Recipe) -> Inputs:
@@ -120,10 +123,17 @@ def resolve_device(name: str) -> torch.device:
 def load_sources(inputs: Inputs, module: ModulePlan, device: torch.device) -> list[LoraFactors]:
     """Each source's float32 factors on ``device``, scale folded into B and also kept as ``scale``."""
     out = []
+    cache = inputs.factor_cache
     for source in module.sources:
         adapter = inputs.adapters[source.adapter]
-        factors = adapter.load(module.path, device)
-        out.append(LoraFactors(A=factors.A, B=factors.B, scale=adapter.modules[module.path].scale))
+        key = (source.adapter, module.path)
+        factors = cache.get(key) if cache is not None else None
+        if factors is None:
+            factors = adapter.load(module.path, device)
+            factors = LoraFactors(A=factors.A, B=factors.B, scale=adapter.modules[module.path].scale)
+            if cache is not None:
+                cache[key] = factors
+        out.append(factors)
     return out
 
 

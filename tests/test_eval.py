@@ -158,3 +158,30 @@ def test_empty_data_and_out_onto_an_input_are_refused(tmp_path: Path) -> None:
     before = DATA.read_bytes()
     code, _, err = cli("eval", str(recipe), "--data", str(DATA), "--out", str(DATA))
     assert code == 2 and len(err.strip().splitlines()) == 1 and DATA.read_bytes() == before
+
+
+def test_cached_factors_and_fused_cat_merge_as_from_the_files() -> None:
+    from soupkit.eval.target import RecipeScorer
+    from soupkit.execute import iter_merged, plan_recipe
+    from soupkit.recipe import Recipe
+
+    def recipe(method: str, **merge: object) -> Recipe:
+        return Recipe.from_dict(tiny_recipe(method, (0.7, 0.4), **merge))
+
+    scorer = RecipeScorer(recipe("cat"), torch.device("cpu"), fused=True)
+    ties = recipe("ties", density=0.5)
+    first = scorer.merged_updates(ties)
+    scorer.merged_updates(recipe("dare_ties", density=0.3))  # another method over the same cached factors
+    again = scorer.merged_updates(ties)
+    plan, inputs = plan_recipe(ties)  # no cache: every factor read from the files
+    fresh = {m.path: f for m, f, _ in iter_merged(ties, plan, inputs, torch.device("cpu")) if m.sources}
+    assert set(first) == set(fresh)
+    for path, update in first.items():
+        assert torch.equal(update.A, again[path].A) and torch.equal(update.B, again[path].B)
+        assert torch.equal(update.B @ update.A, fresh[path].B @ fresh[path].A)
+    deltas = weighted_sum([reference_deltas(TINY / "adapters" / n) for n in ("math", "code")], [0.7, 0.4])
+    fused = scorer.merged_updates(recipe("cat"))
+    assert set(fused) == set(deltas)
+    for path, u in fused.items():
+        got = (u.B.double() * u.rank_scale.double()) @ u.A.double()
+        torch.testing.assert_close(got, deltas[path], rtol=1e-5, atol=1e-7)

@@ -3,38 +3,102 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from soupkit.errors import SoupkitError
 from soupkit.eval.model import LowRankUpdate, ScoringModel, load_scoring_model
-from soupkit.execute import TORCH_DTYPE, Inputs, iter_merged, open_inputs
+from soupkit.execute import TORCH_DTYPE, Inputs, iter_merged, load_sources, open_inputs
 from soupkit.io.adapter import LoraAdapter
 from soupkit.io.resolve import resolve_reference
-from soupkit.plan import build_plan
+from soupkit.methods import LoraFactors
+from soupkit.plan import ModulePlan, Plan, build_plan
 from soupkit.recipe import Recipe, load_recipe
+
+
+def refuse_unscorable(plan: Plan, where: str) -> None:
+    """What the low-rank hooks cannot apply is refused, never dropped: expert parameters, saved modules, biases."""
+    problem = None
+    if any(m.kind == "param" for m in plan.modules if m.sources):
+        problem = "LoRAs on targeted parameters (MoE experts, target_parameters)"
+    elif plan.saved:
+        problem = "modules_to_save tensors"
+    elif plan.biased:
+        problem = "lora_bias updates"
+    if problem:
+        raise SoupkitError(
+            where,
+            "adapters of Linear and Embedding LoRA modules (what eval applies in memory)",
+            problem,
+            "merge with `soupkit merge ... --output model` (output: model) and eval that model folder",
+        )
+
+
+class InMemoryMerger:
+    """A recipe's inputs opened once, their factors kept on ``device``: any recipe over them merges in memory.
+
+    Factors are read from the files once (first merge) and reused (``Inputs.factor_cache``), so a
+    trial costs the method's maths only. The merged factors are float32, as ``execute.iter_merged``
+    gives them to the writer.
+    """
+
+    def __init__(self, recipe: Recipe, device: torch.device) -> None:
+        self.inputs: Inputs = open_inputs(recipe)
+        self.inputs.factor_cache = {}
+        self.device = device
+
+    def plan(self, recipe: Recipe) -> Plan:
+        plan = build_plan(recipe, self.inputs.adapters, self.inputs.base, recipe.dtype)
+        refuse_unscorable(plan, "soupkit eval")
+        return plan
+
+    def merged(self, recipe: Recipe) -> Iterator[tuple[ModulePlan, LoraFactors]]:
+        """Each adapted module's merged factors (float32, on the device)."""
+        plan = self.plan(recipe)
+        for module, factors, _ in iter_merged(recipe, plan, self.inputs, self.device):
+            if module.sources:
+                yield module, factors
 
 
 class RecipeScorer:
     """A recipe's base loaded once; any recipe over the same base and adapters is merged into it in memory.
 
     The merged factors are rounded to the recipe's ``dtype`` first, exactly as ``soupkit merge``
-    writes them, so a recipe scores as the adapter it would write.
+    writes them, so a recipe scores as the adapter it would write. ``cat`` (with ``fused``) skips the
+    merge: each module keeps its concatenated factors and a trial only sets the per-rank weights,
+    sum_i w_i B_i A_i x computed as B_cat ((A_cat x) * w_rank), equal to the written adapter up to
+    the rounding of w_i B_i to the recipe's dtype.
     """
 
-    def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype | None = None) -> None:
-        self.inputs: Inputs = open_inputs(recipe)
-        self.scoring: ScoringModel = load_scoring_model(self.inputs.base.directory, device, dtype)
+    def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype | None = None, fused: bool = False) -> None:
+        self.merger = InMemoryMerger(recipe, device)
+        self.scoring: ScoringModel = load_scoring_model(self.merger.inputs.base.directory, device, dtype)
+        self.fused = fused
+        self._cat: dict[str, LowRankUpdate] = {}  # module path -> concatenated factors (fused cat)
 
     def merged_updates(self, recipe: Recipe) -> dict[str, LowRankUpdate]:
         """Every planned module's merged factors, as updates on this model (nothing is written)."""
-        plan = build_plan(recipe, self.inputs.adapters, self.inputs.base, recipe.dtype)
+        if self.fused and recipe.merge.method == "cat":
+            return self._fused_cat(recipe)
+        stored = TORCH_DTYPE[recipe.dtype]
+        return {m.path: self.scoring.update(f.A.to(stored), f.B.to(stored)) for m, f in self.merger.merged(recipe)}
+
+    def _fused_cat(self, recipe: Recipe) -> dict[str, LowRankUpdate]:
         stored = TORCH_DTYPE[recipe.dtype]
         updates = {}
-        for module, factors, _ in iter_merged(recipe, plan, self.inputs, self.scoring.device):
-            if module.sources:
-                updates[module.path] = self.scoring.update(factors.A.to(stored), factors.B.to(stored))
+        for module in self.merger.plan(recipe).modules:
+            if not module.sources:
+                continue
+            if module.path not in self._cat:
+                factors = load_sources(self.merger.inputs, module, self.merger.device)
+                A = torch.cat([f.A for f in factors]).to(stored)
+                B = torch.cat([f.B for f in factors], dim=1).to(stored)
+                self._cat[module.path] = self.scoring.update(A, B)
+            weights = [torch.full((s.rank,), float(s.weight)) for s in module.sources]
+            cat = self._cat[module.path]
+            updates[module.path] = LowRankUpdate(cat.A, cat.B, torch.cat(weights).to(cat.A.device, cat.A.dtype))
         return updates
 
     def apply(self, recipe: Recipe) -> None:
@@ -63,6 +127,13 @@ def load_target(target: Path, device: torch.device, base: Path | None = None) ->
         return scorer.scoring, "recipe"
     if (target / "adapter_config.json").is_file():
         adapter = LoraAdapter("target", target)
+        if adapter.saved or adapter.biases or any(spec.kind == "param" for spec in adapter.modules.values()):
+            raise SoupkitError(
+                str(target),
+                "a LoRA adapter of Linear and Embedding modules (what eval applies in memory)",
+                "modules_to_save, lora_bias or targeted-parameter (MoE expert) tensors",
+                "merge it into a full model (soupkit merge with output: model) and eval that folder",
+            )
         scoring = load_scoring_model(adapter_base(target, base), device)
         updates = {}
         for path in adapter.modules:

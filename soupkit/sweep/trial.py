@@ -44,7 +44,7 @@ class TrialRunner:
             for name in ("validation", "test")
             if getattr(s.data, name)
         }
-        self.scorer = RecipeScorer(sweep.recipe, device)
+        self.scorer = RecipeScorer(sweep.recipe, device, fused=True)  # cat trials: weights only, no merge
 
     def score(self, candidate: Candidate, split: str) -> tuple[EvalResult, float]:
         """(the candidate's score on ``split``, seconds spent merging and swapping it in)."""
