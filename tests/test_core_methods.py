@@ -52,10 +52,13 @@ def test_cat_equals_peft_add_weighted_adapter(tmp_path: Path) -> None:
     model.load_adapter(TINY / "adapters" / "code", adapter_name="code")
     model.add_weighted_adapter(["math", "code"], weights, "peft_cat", combination_type="cat")
     got = merged_deltas(out)
+    checked = set()
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "peft_cat" in module.lora_A:
             path = name.removeprefix("base_model.model.")
             assert_close_rel(got[path], module.get_delta_weight("peft_cat").double())
+            checked.add(path)
+    assert checked == set(got) and len(checked) == 14  # every merged module compared (examples/tiny: 14 targeted)
 
 
 def test_merged_adapter_logits_equal_dense_reference(tmp_path: Path) -> None:
@@ -68,12 +71,20 @@ def test_merged_adapter_logits_equal_dense_reference(tmp_path: Path) -> None:
     ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     reference = AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32)
     deltas = weighted_sum([reference_deltas(TINY / "adapters" / n) for n in ("math", "code")], weights)
+    added = set()
     with torch.no_grad():
         for name, param in reference.named_parameters():
             path = name.removesuffix(".weight")
             if path in deltas:
                 param += deltas[path].float()
+                added.add(path)
         want = reference(ids).logits
+    assert added == set(deltas)  # every update reached the reference model
+    with torch.no_grad():
+        assert (
+            float((want - AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32)(ids).logits).abs().max())
+            > 1e-3
+        )
     base = AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, out)
     with torch.no_grad():
@@ -109,10 +120,13 @@ def test_identity_zero_and_order(tmp_path: Path, method: str) -> None:
     math_only = tiny_recipe(method)
     math_only["adapters"] = math_only["adapters"][:1]
     got = merged_deltas(run(tmp_path, math_only, "identity"))
-    for path, want in reference_deltas(TINY / "adapters" / "math").items():
+    math = reference_deltas(TINY / "adapters" / "math")
+    assert set(got) == set(math)
+    for path, want in math.items():
         assert_close_rel(got[path], want)
 
     zero = merged_deltas(run(tmp_path, tiny_recipe(method, (0.0, 0.0)), "zero"))
+    assert len(zero) == 14  # every targeted module of examples/tiny is written, as zeros
     assert all(float(d.abs().max()) == 0.0 for d in zero.values())
 
     budget = {} if method == "cat" else {"rank": 12}  # cat refuses merge.rank: its rank is sum r_i
@@ -120,7 +134,9 @@ def test_identity_zero_and_order(tmp_path: Path, method: str) -> None:
     swapped = tiny_recipe(method, (0.4, 0.8), **budget)
     swapped["adapters"].reverse()
     backward = merged_deltas(run(tmp_path, swapped, "bwd"))
+    assert set(backward) == set(forward) and len(forward) == 14
     for path in forward:
+        assert float(forward[path].norm()) > 0
         assert_close_rel(backward[path], forward[path], rel=1e-5)
 
 
@@ -130,6 +146,7 @@ def test_per_module_and_gradient_weights(tmp_path: Path) -> None:
     recipe["merge"]["modules"] = [{"match": "*.mlp.*", "weights": {"math": 2.0}}]
     got = merged_deltas(run(tmp_path, recipe))
     math, code = reference_deltas(TINY / "adapters" / "math"), reference_deltas(TINY / "adapters" / "code")
+    assert set(got) == set(math) | set(code)
     for path, delta in got.items():
         w_math = 2.0 if ".mlp." in path else 1.0
         w_code = 0.0 if ".layers.0." in path else 1.0

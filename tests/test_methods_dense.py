@@ -242,5 +242,6 @@ def test_cuda_matches_cpu(tmp_path: Path) -> None:
         merge_recipe(recipe, tmp_path / f"{method}-cpu", QUIET)
         merge_recipe(recipe, tmp_path / f"{method}-gpu", RunOptions(device="cuda", progress=False))
         cpu, gpu = reference_deltas(tmp_path / f"{method}-cpu"), reference_deltas(tmp_path / f"{method}-gpu")
+        assert set(gpu) == set(cpu) and len(cpu) == 14, method
         for path in cpu:
             assert float((gpu[path] - cpu[path]).norm()) <= 1e-4 * max(float(cpu[path].norm()), 1e-12), (method, path)
