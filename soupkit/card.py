@@ -17,10 +17,29 @@ def front_matter(method: str, kind: str, hub_base: str | None) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
-def model_card(resolved: dict, rank: int, target_modules: list[str], kind: str, hub_base: str | None = None) -> str:
+def energy_line(energy_kept: dict[str, float] | None) -> str:
+    if not energy_kept:
+        return ""
+    worst = min(energy_kept, key=energy_kept.__getitem__)
+    mean = sum(energy_kept.values()) / len(energy_kept)
+    return (
+        f"\n- energy kept by the truncation to rank r: min {energy_kept[worst]:.4f} ({worst}), "
+        f"mean {mean:.4f} over {len(energy_kept)} truncated modules"
+    )
+
+
+def model_card(
+    resolved: dict,
+    rank: int,
+    target_modules: list[str],
+    kind: str,
+    hub_base: str | None = None,
+    energy_kept: dict[str, float] | None = None,
+) -> str:
     """A README.md that says what was merged, how, and how to load it; the recipe is embedded.
 
-    ``hub_base`` is the base model's hub id (``org/name``), or None for a local base.
+    ``hub_base`` is the base model's hub id (``org/name``), or None for a local base. ``energy_kept``:
+    the fraction of Frobenius energy each truncated module kept.
     """
     method = get_method(resolved["merge"]["method"])
     names = ", ".join(a["name"] for a in resolved["adapters"])
@@ -35,7 +54,7 @@ def model_card(resolved: dict, rank: int, target_modules: list[str], kind: str, 
 Made by [soupkit](https://pypi.org/project/soupkit/) with method `{method.name}` ({method.paper}).
 
 - formula: {method.summary}
-- rank: {rank} (lora_alpha = r, so the PEFT scale is 1); target modules: {", ".join(target_modules)}
+- rank: {rank} (lora_alpha = r, so the PEFT scale is 1); target modules: {", ".join(target_modules)}{energy_line(energy_kept)}
 
 ## Load
 

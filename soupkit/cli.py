@@ -118,6 +118,10 @@ def merge(
         click.echo(f"dry run: {len(plan.modules)} modules, rank {plan.rank}, would write {human_bytes(plan.bytes_written)}")
         return
     kept = f", energy kept >= {min(report.energy_kept.values()):.4f}" if report.energy_kept else ""
+    if report.energy_kept:  # a truncated merge loses part of each update: say so where warnings go, too
+        click.echo(
+            f"soupkit: energy kept by the rank-{plan.rank} truncation: min {min(report.energy_kept.values()):.4f}", err=True
+        )
     click.echo(f"wrote {out} ({plan.method}, {len(plan.modules)} modules, rank {plan.rank}{kept}) in {report.seconds:.1f} s")
 
 

@@ -19,7 +19,8 @@ from soupkit.io.resolve import hub_name, hub_pin, resolve_reference
 from soupkit.io.writer import SafetensorsStreamWriter, check_finite_cast, dtype_tag
 from soupkit.methods import LoraFactors, MergeContext, get_method
 from soupkit.methods.base import ModuleInputs, RunInputs
-from soupkit.ops import pad_rank
+from soupkit.ops import dense_delta, pad_rank, truncate_dense
+from soupkit.ops.dora import dora_task_vector, exact_factors, rank_for_energy
 from soupkit.plan import ModulePlan, Plan, SavedPlan, build_plan
 from soupkit.recipe.schema import Recipe
 
@@ -121,7 +122,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_sources(inputs: Inputs, module: ModulePlan, device: torch.device) -> list[LoraFactors]:
-    """Each source's float32 factors on ``device``, scale folded into B and also kept as ``scale``."""
+    """Each source's float32 factors on ``device``, scale folded into B and also kept as ``scale``.
+
+    A DoRA source is its exact task vector t = W' - W (ops/dora.py), as factors of rank min(d_out, d_in).
+    """
     out = []
     cache = inputs.factor_cache
     for source in module.sources:
@@ -130,7 +134,14 @@ def load_sources(inputs: Inputs, module: ModulePlan, device: torch.device) -> li
         factors = cache.get(key) if cache is not None else None
         if factors is None:
             factors = adapter.load(module.path, device)
-            factors = LoraFactors(A=factors.A, B=factors.B, scale=adapter.modules[module.path].scale)
+            if adapter.modules[module.path].magnitude_key is None:
+                factors = LoraFactors(A=factors.A, B=factors.B, scale=adapter.modules[module.path].scale)
+            else:
+                weight = inputs.base.index.get(inputs.base.key_of[f"{module.path}.weight"]).to(device=device, dtype=torch.float32)
+                if module.kind == "embedding" or adapter.fan_in_fan_out:  # stored (d_in, d_out)
+                    weight = weight.T
+                magnitude = adapter.load_magnitude(module.path, device)
+                factors = exact_factors(dora_task_vector(weight, factors, magnitude))
             if cache is not None:
                 cache[key] = factors
         out.append(factors)
@@ -162,6 +173,7 @@ def iter_merged(
     """
     method = get_method(recipe.merge.method)
     state = method.prepare(recipe.merge.params, run_inputs(recipe, plan, inputs, device))
+    short: dict[str, tuple[float, int]] = {}  # DoRA module -> (energy kept, rank reaching merge.min_energy)
     layers = plan.layers
     if progress:
         from tqdm import tqdm
@@ -176,11 +188,36 @@ def iter_merged(
             factors = load_sources(inputs, module, device)
             ctx = MergeContext(module.path, module.budget, recipe.seed, device, state, source_names(recipe, module))
             result = method.merge(factors, [s.weight for s in module.sources], recipe.merge.params, ctx)
-            for name, factor in (("A", result.factors.A), ("B", result.factors.B)):  # float32 overflow of huge weights
+            merged, kept = result.factors, result.energy_kept
+            if module.dora and recipe.output == "adapter":  # the exact merge of task vectors, cut to rank k
+                merged, kept, needed = best_rank(merged, module.rank, recipe.merge.min_energy)
+                short[module.path] = (kept, needed) if needed else short.get(module.path)  # type: ignore[assignment]
+            for name, factor in (("A", merged.A), ("B", merged.B)):  # float32 overflow of huge weights
                 check_finite_cast(factor, factor, f"module {module.path} (merged {name}, float32)")
-            yield module, pad_rank(result.factors, plan.rank), result.energy_kept
+            yield module, pad_rank(merged, plan.rank), kept
         for adapter in inputs.adapters:  # unmap this layer's pages: RSS stays flat in adapter size
             adapter.index.close()
+    short = {path: v for path, v in short.items() if v}
+    if short:  # after every module, so that the rank named reaches the target everywhere
+        worst = min(short, key=lambda path: short[path][0])
+        raise SoupkitError(
+            "merge.min_energy",
+            f"rank-{plan.rank} DoRA merges keeping >= {recipe.merge.min_energy} of their energy",
+            f"{short[worst][0]:.4f} kept in {worst} ({len(short)} module(s) short)",
+            f"set merge.rank: {max(n for _, n in short.values())} to reach it, or lower merge.min_energy",
+        )
+
+
+def best_rank(factors: LoraFactors, rank: int, min_energy: float) -> tuple[LoraFactors, float, int | None]:
+    """Best rank-``rank`` approximation, the energy it keeps, and the rank keeping ``min_energy`` if it falls short.
+
+    Through the dense (d_out, d_in) update: the exact merge of full-rank task vectors has rank up to
+    sum_i min(d_out, d_in) in factors, where the smaller Gram matrix (min(d_out, d_in) squared) is cheaper.
+    """
+    delta = dense_delta(factors)
+    truncated, kept = truncate_dense(delta, rank)
+    needed = rank_for_energy(torch.linalg.svdvals(delta.double()), min_energy) if kept < min_energy else None
+    return truncated, kept, needed
 
 
 def full_context(recipe: Recipe, name: str, sources: list[str], device: torch.device) -> MergeContext:

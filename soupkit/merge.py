@@ -100,7 +100,8 @@ def write_sidecars(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: P
     resolved["base_model"] = lock_reference(inputs.base.directory, out)  # hub inputs pinned to their commit
     for spec, adapter in zip(resolved["adapters"], inputs.adapters, strict=True):
         spec["path"] = lock_reference(adapter.directory, out)
-    reads_base = recipe.output == "model" or bool(plan.saved)  # modules_to_save merges read base values
+    dora = any(a.magnitudes for a in inputs.adapters)  # DoRA task vectors read the base weights
+    reads_base = recipe.output == "model" or bool(plan.saved) or dora  # modules_to_save merges read base values
     hashes = {"base_model": file_hashes(inputs.base.files(), inputs.base.directory, header_only=not reads_base)}
     for adapter in inputs.adapters:
         hashes[adapter.name] = file_hashes(adapter.files(), adapter.directory)
@@ -109,7 +110,7 @@ def write_sidecars(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: P
         summary["energy_kept_min"] = min(report.energy_kept.values())
         summary["energy_kept"] = report.energy_kept
     hub_base = hub_name(recipe.base_model) if hub_pin(inputs.base.directory) else None
-    card = model_card(resolved, plan.rank, list(plan.target_modules), recipe.output, hub_base)
+    card = model_card(resolved, plan.rank, list(plan.target_modules), recipe.output, hub_base, report.energy_kept)
     if plan.saved and recipe.output == "adapter":
         names = ", ".join(f"`{s.name}`" for s in plan.saved)
         card += f"\n## modules_to_save\n\nThis adapter keeps full merged copies of {names}. PEFT loads them; {VLLM_MODULES_TO_SAVE}.\n"

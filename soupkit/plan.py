@@ -43,6 +43,7 @@ class ModulePlan:
     rank: int  # the method's rank for this module, before zero-padding to Plan.rank
     budget: int | None = None  # the rank the method is asked for: merge.rank, or the min(d_out, d_in) cap; None: its default
     param: ParamSlot | None = None  # kind "param": where its update goes in the adapter and the checkpoint
+    dora: bool = False  # a DoRA source: an adapter output keeps the best rank-``rank`` part of the exact merge
 
     def peak_bytes(self, dense: bool, out_rank: int) -> int:
         """Working memory to merge this module in float32: inputs, output, dense buffers if any."""
@@ -154,6 +155,60 @@ def _param_slots(adapters: list[LoraAdapter], base: BaseModelInfo) -> tuple[tupl
     return names, slots
 
 
+DORA_METHODS = ("cat", "linear", "svd")  # factor-space methods whose result depends on the products B_i A_i only
+
+
+def _module_plan(
+    recipe: Recipe,
+    method: MergeMethod,
+    adapters: list[LoraAdapter],
+    base: BaseModelInfo,
+    path: str,
+    kind: str,
+    slot: ParamSlot | None,
+) -> ModulePlan:
+    """One output module: its sources, shape, the rank asked of the method (budget) and the rank written.
+
+    A DoRA source is its full task vector (rank min(d_out, d_in)). With a DoRA source, an adapter
+    output asks the method for the exact merged update and keeps its best rank-k approximation,
+    k = merge.rank, or the method's default rank for the inputs' LoRA ranks.
+    """
+    shape = slot.param.shape[-2:] if slot else base.index.infos[base.key_of[f"{path}.weight"]].shape
+    transposed = kind == "embedding" or (adapters[0].fan_in_fan_out and not slot)
+    d_out, d_in = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+    sources, lora_ranks = [], []
+    for i, adapter in enumerate(adapters):
+        spec = adapter.modules.get(path)
+        if spec is not None:
+            keys = (spec.a_key, spec.b_key) + ((spec.magnitude_key,) if spec.magnitude_key else ())
+            nbytes = sum(adapter.index.infos[k].nbytes for k in keys)
+            rank = min(d_in, d_out) if spec.magnitude_key else spec.rank
+            sources.append(Source(i, rank, module_weight(recipe, i, path, base.num_layers), nbytes))
+            lora_ranks.append(spec.rank)
+    dora = any(adapters[s.adapter].modules[path].magnitude_key for s in sources)
+    params = recipe.merge.params
+    rank = method.output_rank([s.rank for s in sources], params, recipe.merge.rank) if sources else 0
+    budget = recipe.merge.rank
+    if budget is None and method.uses_rank and rank > min(d_in, d_out):  # capped like an explicit rank: no zero rows
+        rank = budget = min(d_in, d_out)
+    if dora and recipe.output == "adapter":
+        budget = min(d_in, d_out) if method.uses_rank else None
+        rank = min(recipe.merge.rank or method.output_rank(lora_ranks, params, None), min(d_in, d_out))
+    return ModulePlan(path, kind, layer_of(path), d_in, d_out, tuple(sources), rank, budget, slot, dora)
+
+
+def check_dora_method(method: MergeMethod, adapters: list[LoraAdapter]) -> None:
+    """Refuse DoRA inputs with a method that works on the LoRA factors themselves: a DoRA update is not B @ A."""
+    dora = [a.name for a in adapters if a.config.get("use_dora")]
+    if dora and method.space != "delta" and method.name not in DORA_METHODS:
+        raise RecipeError(
+            "merge.method",
+            f"a method that merges task vectors with DoRA adapters ({', '.join(DORA_METHODS)} or a delta-space method)",
+            f"'{method.name}', which works on the LoRA factors, with DoRA adapter(s) {', '.join(dora)}",
+            "choose cat, linear, svd, ties, dare_ties, della or another method listed as space delta by `soupkit methods`",
+        )
+
+
 def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo, out_dtype: str) -> Plan:
     """Plan the merge from headers: validate shapes, resolve weights and ranks, order by layer."""
     method = get_method(recipe.merge.method)
@@ -177,21 +232,8 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
     target_parameters, slots = _param_slots(adapters, base)
     outputs = {**_output_modules(adapters, base), **dict.fromkeys(slots, "param")}
     for path, kind in sorted(outputs.items()):
-        sources = []
-        for i, adapter in enumerate(adapters):
-            spec = adapter.modules.get(path)
-            if spec is not None:
-                nbytes = sum(adapter.index.infos[k].nbytes for k in (spec.a_key, spec.b_key))
-                sources.append(Source(i, spec.rank, module_weight(recipe, i, path, base.num_layers), nbytes))
-        slot = slots.get(path)
-        shape = slot.param.shape[-2:] if slot else base.index.infos[base.key_of[f"{path}.weight"]].shape
-        transposed = kind == "embedding" or (adapters[0].fan_in_fan_out and not slot)
-        d_out, d_in = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
-        rank = method.output_rank([s.rank for s in sources], recipe.merge.params, recipe.merge.rank) if sources else 0
-        budget = recipe.merge.rank
-        if budget is None and method.uses_rank and rank > min(d_in, d_out):  # capped like an explicit rank: no zero rows
-            rank = budget = min(d_in, d_out)
-        modules.append(ModulePlan(path, kind, layer_of(path), d_in, d_out, tuple(sources), rank, budget, slot))
+        modules.append(_module_plan(recipe, method, adapters, base, path, kind, slots.get(path)))
+    check_dora_method(method, adapters)
 
     check_rank_budget(recipe, method, modules)
     saved_modules = sorted({name.rsplit(".", 1)[0] for adapter in adapters for name in adapter.saved})
@@ -298,7 +340,7 @@ def check_rank_budget(recipe: Recipe, method: MergeMethod, modules: list[ModuleP
     if budget is None:
         return
     where = "merge.rank"
-    if not method.uses_rank:
+    if not method.uses_rank and not (recipe.output == "adapter" and any(m.dora for m in modules)):
         raise RecipeError(
             where,
             f"no merge.rank with '{method.name}' (its output rank is fixed by the inputs)",

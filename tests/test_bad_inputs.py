@@ -194,11 +194,11 @@ def python_tag(d: Path) -> list[str]:
 
 
 def real_dora(d: Path) -> list[str]:
-    """A DoRA adapter written by PEFT itself (lora_magnitude_vector tensors, use_dora: true)."""
+    """A DoRA adapter written by PEFT itself, with a method that works on LoRA factors (refused: t_i is not B @ A)."""
     from soupkit.testing import make_lora
 
     make_lora(TINY / "base", d / "dora", seed=3, r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
-    recipe = tiny_recipe("cat")
+    recipe = tiny_recipe("lego")
     recipe["adapters"][0]["path"] = str(d / "dora")
     return merge_args(d, recipe)
 
@@ -468,8 +468,8 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         "different values (trained or resized embeddings)",
     ),
     ("embedding_copy_resized", broken_adapter(embedding_with_base_copy((101, 64))), "(a resized vocabulary)"),
-    ("dora_config", broken_adapter(lambda a: edit_config(a, use_dora=True)), "use_dora: True (DoRA"),
-    ("dora_built_by_peft", real_dora, "DoRA"),
+    ("dora_config", broken_adapter(lambda a: edit_config(a, use_dora=True)), "lora_magnitude_vector (use_dora: true)"),
+    ("dora_built_by_peft", real_dora, "with DoRA adapter(s)"),
     (
         "lora_bias_tensor_without_flag",
         broken_adapter(

@@ -28,6 +28,7 @@ SUFFIXES: dict[str, tuple[str, str]] = {
 Kind = Literal["linear", "embedding", "param"]
 BASE_LAYER_COPY = ".base_layer.weight"
 LORA_BIAS = ".lora_B.bias"  # lora_bias: PEFT's lora_B is a Linear with a bias; the update adds s * bias
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's per-output magnitude m, (d_out,)
 BASE_LAYER = ".base_layer"  # PEFT nests one ParamWrapper per targeted parameter of a module under this name
 
 
@@ -69,6 +70,7 @@ class ModuleSpec:
     d_out: int
     scale: float
     expert: ExpertSlice | None = None  # a 3-D parameter's expert: A and B are slices of the stored tensors
+    magnitude_key: str | None = None  # DoRA: the key of m; the module's update is then t = W' - W (ops/dora.py)
 
 
 def pattern_value(patterns: dict[str, int], path: str, default: float) -> float:
@@ -126,7 +128,6 @@ def shown_targets(config: dict) -> str:
 # adapter_config.json fields whose adapters are not a plain low-rank update W + s*B@A (or that change the
 # base), with the reason shown to the user. Values that are falsy (None, False, {}, []) are fine.
 REFUSED_FIELDS: dict[str, str] = {
-    "use_dora": "DoRA rescales W + dB per row: not a low-rank update",
     "trainable_token_indices": "trainable_token_indices holds extra token embeddings",
     "layer_replication": "layer_replication changes the model's layer stack",
     "kasa_config": "KaSA adds a singular-value modulation",
@@ -232,6 +233,7 @@ class LoraAdapter:
         # target_parameters: (module path, .base_layer depth) -> {"A": key, "B": key}; io/experts.py resolves these
         # against the base model's parameters and adds their ModuleSpecs to ``modules``
         self.param_wrappers: dict[tuple[str, int], dict[str, str]] = {}
+        self.magnitudes: dict[str, str] = {}  # DoRA: module path -> key of its lora_magnitude_vector
         self._cached: dict[str, torch.Tensor] = {}  # the last A and B of a 3-D parameter: its E experts share them
         self.biases: dict[str, str] = {}  # lora_bias: module path -> key of its lora_B.bias (d_out,)
         self.saved: dict[str, str] = {}  # modules_to_save: tensor name (``lm_head.weight``) -> key of the trained copy
@@ -247,6 +249,9 @@ class LoraAdapter:
                 continue
             if key.endswith(LORA_BIAS) and self.config.get("lora_bias"):
                 self.biases[key.removeprefix(PREFIX).removesuffix(LORA_BIAS)] = key
+                continue
+            if key.endswith(MAGNITUDE) and self.config.get("use_dora"):
+                self.magnitudes[key.removeprefix(PREFIX).removesuffix(MAGNITUDE)] = key
                 continue
             suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
             if suffix is None and self._saved_module(key):
@@ -271,12 +276,12 @@ class LoraAdapter:
                 "no LoRA tensor",
                 "point path at the adapter you trained (PEFT's save_pretrained writes its LoRA tensors there)",
             )
-        for path, key in self.base_layer_copies.items():
+        for path, key in [*self.base_layer_copies.items(), *self.magnitudes.items()]:
             if path not in parts:
                 raise UnsupportedAdapterError(
                     f"adapter '{self.name}' tensor {key}",
-                    "a base-layer copy beside a LoRA",
-                    "a full module copy without LoRA",
+                    "a base-layer copy or DoRA magnitude beside a LoRA",
+                    "one without lora_A/lora_B",
                     "remove it",
                 )
         if self.config.get("target_parameters"):
@@ -342,7 +347,37 @@ class LoraAdapter:
             )
         alpha = pattern_value(self.config.get("alpha_pattern") or {}, path, self.config.get("lora_alpha", rank))
         scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
-        return ModuleSpec(path, kind, keys["A"], keys["B"], rank, a_shape[1], b_shape[0], float(scale))  # type: ignore[arg-type]
+        magnitude = self._magnitude_key(path, b_shape[0])
+        return ModuleSpec(path, kind, keys["A"], keys["B"], rank, a_shape[1], b_shape[0], float(scale), None, magnitude)  # type: ignore[arg-type]
+
+    def _magnitude_key(self, path: str, d_out: int) -> str | None:
+        """A DoRA module's magnitude key: every module of a use_dora adapter has one, of shape (d_out,)."""
+        if not self.config.get("use_dora"):
+            return None
+        key = self.magnitudes.get(path)
+        where = f"adapter '{self.name}' module {path}"
+        if key is None:
+            raise AdapterError(where, f"a {MAGNITUDE[1:]} (use_dora: true)", "none", "re-save the adapter with PEFT")
+        info = self.index.infos[key]
+        if tuple(info.shape) != (d_out,) or info.dtype not in FLOAT_TAGS:
+            raise AdapterError(
+                f"adapter '{self.name}' tensor {key}",
+                f"a float vector of shape ({d_out},)",
+                f"{info.dtype} {info.shape}",
+                "re-save the adapter with PEFT",
+            )
+        return key
+
+    def load_magnitude(self, path: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """DoRA's magnitude m of one module, float32 (d_out,)."""
+        key = self.modules[path].magnitude_key
+        assert key is not None
+        m = self._read(key).to(device=device, dtype=torch.float32)
+        if not all_finite(m):
+            raise AdapterError(
+                f"adapter '{self.name}' tensor {key}", "finite values", "NaN or Inf entries", "retrain or repair the adapter"
+            )
+        return m
 
     def load(self, path: str, device: torch.device | str = "cpu") -> LoraFactors:
         """Read one module's factors as float32 on ``device``, with the scale folded into B."""

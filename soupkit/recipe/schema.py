@@ -63,6 +63,13 @@ class MergeSpec(BaseModel):
     method: str = Field(description="A method name from `soupkit methods`.")
     rank: int | None = Field(default=None, ge=1, description="Output rank budget for methods that re-factorise.")
     modules: list[ModuleOverride] = Field(default_factory=list, description="Per-module weight overrides.")
+    min_energy: float = Field(
+        default=0.99,
+        ge=0.0,
+        le=1.0,
+        description="DoRA inputs, adapter output: the least fraction of each merged update's Frobenius energy the "
+        "rank-k adapter must keep (the error names the rank that would).",
+    )
     _params: MethodParams | None = PrivateAttr(default=None)
 
     @property
@@ -147,6 +154,8 @@ class Recipe(StrictModel):
         data = self.model_dump(mode="json", exclude={"merge"})
         merge = {"method": self.merge.method, "rank": self.merge.rank, **self.merge.params.model_dump(mode="json")}
         merge["modules"] = [m.model_dump(mode="json") for m in self.merge.modules]
+        if "min_energy" in self.merge.model_fields_set:
+            merge["min_energy"] = self.merge.min_energy
         return {**data, "merge": merge}
 
 
