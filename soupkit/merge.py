@@ -77,6 +77,13 @@ def serving_plan(recipe: Recipe, plan: Plan, options: RunOptions) -> Plan:
             f"lora_bias on {len(plan.biased)} modules (vLLM loads no lora_B.bias; its LoRA bias support is deprecated)",
             "write a full model (--output-type model)",
         )
+    if plan.target_parameters and options.serving == "vllm":
+        raise SoupkitError(
+            "--serving vllm",
+            "an adapter vLLM can load",
+            f"target_parameters {', '.join(plan.target_parameters)} (stock vLLM misreads PEFT's fused-expert LoRA layout, vLLM #52198)",
+            "write a full model (--output-type model)",
+        )
     if not plan.saved:
         return plan
     names = ", ".join(s.name for s in plan.saved)

@@ -287,3 +287,16 @@ def test_adapter_for_another_base_is_refused_in_one_line(tmp_path: Path, moe: di
     with pytest.raises(SoupkitError, match="fit|shape") as err:
         merge(tmp_path, base, {"a": adapters["a"]}, {"a": 1.0})
     assert "\n" not in str(err.value)
+
+
+def test_serving_vllm_refuses_a_target_parameters_adapter(tmp_path: Path, moe: dict) -> None:
+    base, adapters = moe["qwen3_moe_experts"]
+    spec = {
+        "base_model": str(base),
+        "adapters": [{"name": "a", "path": str(adapters["a"]), "weight": 1.0}],
+        "merge": {"method": "cat"},
+        "dtype": "float32",
+    }
+    with pytest.raises(SoupkitError, match="--serving vllm.*target_parameters"):
+        merge_recipe(Recipe.from_dict(spec, tmp_path), tmp_path / "out", RunOptions(progress=False, serving="vllm"))
+    assert not (tmp_path / "out").exists()
