@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
-from soupkit.errors import Interrupted, SoupkitError
+from soupkit.errors import Interrupted, SoupkitError, SoupkitWarning
 from soupkit.io.output_lock import stop_on_signals
+from soupkit.io.progress import line_start
 
 
 def recipe_stem(recipe: Path) -> str:
@@ -23,6 +25,16 @@ def recipe_file(recipe: Path) -> Path | None:
     from soupkit.recipe.load import reads_stdin
 
     return None if reads_stdin(recipe) else recipe
+
+
+def print_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None, line: str | None = None
+) -> None:
+    """A SoupkitWarning as one ``warning: ...`` line on stderr; other warnings as Python prints them."""
+    if issubclass(category, SoupkitWarning):
+        click.echo(f"{line_start()}warning: {message}", err=True, color=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def examples(*commands: str) -> str:
@@ -50,15 +62,17 @@ class SoupkitGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         try:
-            with stop_on_signals():
+            with stop_on_signals(), warnings.catch_warnings():
+                warnings.simplefilter("always", SoupkitWarning)
+                warnings.showwarning = print_warning
                 return super().invoke(ctx)
         except SoupkitError as err:
             more = len(getattr(err, "more", []))  # one line, whatever else is wrong: fix this first
             extra = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-            click.echo(f"error: {err.line()}{extra}", err=True)
+            click.echo(f"{line_start()}error: {err.line()}{extra}", err=True, color=True)
             sys.exit(2)
         except Interrupted as stop:
-            click.echo(f"soupkit: {stop.line()}", err=True)
+            click.echo(f"{line_start()}soupkit: {stop.line()}", err=True, color=True)
             sys.exit(stop.exit_code)
 
 
@@ -318,10 +332,9 @@ def fit_alpha(
     result = run_fit_alpha(recipe, data, eval_data, out, report_dir, FitOptions(**opts), overwrite)  # type: ignore[arg-type]
     if result.main_process:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in result.heldout.items())
-        click.echo(
-            f"wrote {result.fitted_recipe} and {result.report_dir}/ ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s)"
-        )
-        click.echo(f"held-out loss per token: {losses}")
+        speed = f", {result.tokens_per_s:.0f} tokens/s" if result.tokens_per_s > 0 else ""  # lorahub trains nothing
+        click.echo(f"wrote {result.fitted_recipe} and {result.report_dir}/ ({result.steps} steps{speed})")
+        click.echo(f"held-out loss per token: {losses}; weights written: {result.chosen}")
 
 
 @main.command(epilog=examples("soupkit verify out/cat"))

@@ -89,3 +89,14 @@ class Interrupted(BaseException):
         if self.published:
             return f"stopped by {name} after the output was complete; it is in place"
         return f"stopped by {name}; the unfinished output and its lock were removed, existing files are as they were"
+
+
+class SoupkitWarning(UserWarning):
+    """Doubtful but usable input: the CLI prints it as one ``warning: ...`` line on stderr and goes on."""
+
+
+def warn_user(message: str) -> None:
+    """Tell the user about doubtful input (the CLI prints one line; a library caller gets a SoupkitWarning)."""
+    import warnings
+
+    warnings.warn(one_line(message, 2 * PART_LIMIT), SoupkitWarning, stacklevel=2)

@@ -15,6 +15,7 @@ from soupkit.io.adapter import BASE_LAYER, PREFIX, LoraAdapter, check_same_base
 from soupkit.io.base_model import BaseModelInfo
 from soupkit.io.experts import OUTPUT_PEFT_VERSION, ParamSlot, attach_param_targets, param_structure
 from soupkit.io.output_guard import OutputTarget, check_apart
+from soupkit.io.progress import progress as progress_bar
 from soupkit.io.resolve import hub_name, hub_pin, resolve_reference
 from soupkit.io.writer import SafetensorsStreamWriter, check_finite_cast, dtype_tag
 from soupkit.methods import LoraFactors, MergeContext, get_method
@@ -174,12 +175,7 @@ def iter_merged(
     method = get_method(recipe.merge.method)
     state = method.prepare(recipe.merge.params, run_inputs(recipe, plan, inputs, device))
     short: dict[str, tuple[float, int]] = {}  # DoRA module -> (energy kept, rank reaching merge.min_energy)
-    layers = plan.layers
-    if progress:
-        from tqdm import tqdm
-
-        layers = tqdm(layers, desc=f"merge ({method.name})", unit="layer", leave=False)  # type: ignore[assignment]
-    for layer in layers:
+    for layer in progress_bar(plan.layers, f"merge ({method.name})", "layer", enabled=progress):
         for module in layer.modules:
             if not module.sources:
                 zeros = LoraFactors(A=torch.zeros(plan.rank, module.d_in), B=torch.zeros(module.d_out, plan.rank))
@@ -280,16 +276,22 @@ def pack_experts(slot: ParamSlot, experts: list[LoraFactors]) -> tuple[torch.Ten
 
 
 def base_reference(recipe: Recipe, inputs: Inputs) -> tuple[str, str | None]:
-    """How outputs name the base for loaders: (hub id, commit) for a hub base, else (absolute path, None).
+    """How outputs name the base for loaders: (hub id, commit or None), else (absolute path, None).
 
-    PEFT's ``AutoPeftModel*`` resolves a relative ``base_model_name_or_path`` against the current
-    folder, not the adapter's, so a local base is written as an absolute path (machine-specific; the
-    lock file keeps the portable relative form).
+    The hub id where it is known: a base in the hub cache (``models--org--name/snapshots/<sha>``, named by
+    id or by path) is pinned to its commit; a local copy whose adapters all name one hub id as their base
+    gets that id. A bare absolute path breaks once the folder moves (PEFT then asks the hub for it). Else
+    an absolute path: PEFT's ``AutoPeftModel*`` resolves a relative one against the current folder, not
+    the adapter's (the lock file keeps the portable relative form).
     """
-    name = hub_name(recipe.base_model)
     pin = hub_pin(inputs.base.directory)
-    if name and pin:
-        return name, pin.rsplit("@", 1)[1]
+    if pin:
+        name, commit = pin.rsplit("@", 1)
+        return name, commit
+    claimed = {a.config.get("base_model_name_or_path") for a in inputs.adapters}
+    named = claimed.pop() if len(claimed) == 1 else None
+    if isinstance(named, str) and hub_name(named) and not Path(named).expanduser().exists():
+        return str(hub_name(named)), None
     return str(inputs.base.directory.resolve()), None
 
 

@@ -9,17 +9,27 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from soupkit.card import model_card
-from soupkit.errors import SoupkitError
-from soupkit.execute import Inputs, RunOptions, check_inputs_apart, memory_problem, plan_recipe, resolve_device, write_adapter
+from soupkit.errors import SoupkitError, warn_user
+from soupkit.execute import (
+    Inputs,
+    RunOptions,
+    base_reference,
+    check_inputs_apart,
+    memory_problem,
+    plan_recipe,
+    resolve_device,
+    write_adapter,
+)
 from soupkit.export import export_model
 from soupkit.io.adapter import VLLM_MODULES_TO_SAVE
 from soupkit.io.output_guard import atomic_dir, check_replaceable, claim, resolve_output
-from soupkit.io.resolve import hub_name, hub_pin, lock_reference
+from soupkit.io.resolve import TOKENIZER_VOCAB_FILES, has_tokenizer, lock_reference
 from soupkit.plan import Plan
 from soupkit.recipe.lock import LOCK_NAME, file_hashes, write_lock
 from soupkit.recipe.schema import Recipe
 
 DEFAULT_OPTIONS = RunOptions()
+DTYPE_TAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # recipe dtype -> safetensors tag
 
 
 @dataclass
@@ -49,6 +59,8 @@ def merge_recipe(
     problem = memory_problem(plan, options.device)
     if problem is not None:
         raise problem
+    if recipe.output == "model":
+        warn_about_model_output(recipe, inputs)
     report = MergeReport(plan=plan, out=out)
     if target is not None:  # before any work; replaceable is checked again under the lock
         check_inputs_apart(target, inputs, recipe_file)
@@ -101,6 +113,22 @@ def serving_plan(recipe: Recipe, plan: Plan, options: RunOptions) -> Plan:
     return plan
 
 
+def warn_about_model_output(recipe: Recipe, inputs: Inputs) -> None:
+    """A full model without a tokenizer, or a recipe ``dtype`` that a full model does not use: say so, go on."""
+    base = inputs.base.directory
+    if not has_tokenizer(base):
+        warn_user(
+            f"base_model {base} has no tokenizer files ({', '.join(TOKENIZER_VOCAB_FILES[:2])}, ...), so the model is "
+            "written without one; copy the base's tokenizer files into the output before loading it"
+        )
+    float_tags = {info.dtype for info in inputs.base.index.infos.values() if info.dtype in ("F32", "F16", "BF16")}
+    if "dtype" in recipe.model_fields_set and not recipe.from_lock_file and float_tags != {DTYPE_TAGS[recipe.dtype]}:
+        warn_user(
+            f"dtype: {recipe.dtype} applies to adapter outputs only; a full model keeps the base's own dtype "
+            f"({', '.join(sorted(float_tags))}); remove dtype, or convert the exported model"
+        )
+
+
 def write_sidecars(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: Path, report: MergeReport) -> None:
     """Lock file and model card. Input paths are written relative to ``out`` so the lock reruns."""
     resolved = recipe.resolved()
@@ -116,8 +144,11 @@ def write_sidecars(recipe: Recipe, plan: Plan, inputs: Inputs, tmp: Path, out: P
     if report.energy_kept:
         summary["energy_kept_min"] = min(report.energy_kept.values())
         summary["energy_kept"] = report.energy_kept
-    hub_base = hub_name(recipe.base_model) if hub_pin(inputs.base.directory) else None
-    card = model_card(resolved, plan.rank, list(plan.target_modules), recipe.output, hub_base, report.energy_kept)
+    base, _ = base_reference(recipe, inputs)
+    hub_base = None if Path(base).is_absolute() else base
+    card = model_card(
+        resolved, plan.rank, list(plan.target_modules), recipe.output, hub_base, report.energy_kept, str(inputs.base.directory)
+    )
     if plan.saved and recipe.output == "adapter":
         names = ", ".join(f"`{s.name}`" for s in plan.saved)
         card += f"\n## modules_to_save\n\nThis adapter keeps full merged copies of {names}. PEFT loads them; {VLLM_MODULES_TO_SAVE}.\n"

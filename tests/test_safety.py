@@ -222,6 +222,8 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
         "a path inside it",
     ),
     "fit_out_dotdot": (lambda w: w.fit("-o", ".."), "a name for a new output, found '..'"),
+    "fit_out_dotdot_suggests_a_file": (lambda w: w.fit("-o", ".."), "name the output, e.g. -o fitted.yaml"),
+    "fit_out_home": (lambda w: w.fit("-o", str(w.home)), "found the home folder; name a new file, e.g. -o fitted.yaml"),
     # soupkit analyze's output folder
     "analyze_into_adapter": (
         lambda w: w.analyze(w.inputs / "adapters" / "math", "--overwrite"),
@@ -325,6 +327,30 @@ def test_empty_folder_is_replaced_and_created_parents_are_removed_on_error(
     result = CliRunner().invoke(main, world.merge(tmp_path / "new" / "deep" / "out"))
     assert result.exit_code == 2 and "injected failure" in result.stderr
     assert tree_state(tmp_path) == before  # no new/deep/, no lock, no temporary folder
+
+
+def test_second_fit_run_is_told_about_the_option_it_can_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second fit-alpha into the same -o is refused naming -o (not the report folder, derived from -o)."""
+    from soupkit.io.output_lock import OutputLock
+
+    world = World(tmp_path)
+    monkeypatch.chdir(world.work)
+    out = tmp_path / "f.yaml"
+    held = [OutputLock(p, str(p), "-o", "soupkit fit-alpha") for p in (out, tmp_path / "f-report")]  # the first run
+    for lock in held:
+        lock.acquire()
+    try:
+        before = tree_state(tmp_path)
+        result = CliRunner().invoke(main, world.fit("-o", str(out)))
+        after = tree_state(tmp_path)
+    finally:
+        for lock in held:
+            lock.release()
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.output
+    assert lines[0].startswith(f"error: -o {out}: expected no other soupkit run writing there"), lines[0]
+    assert "or choose another -o" in lines[0] and "--report-dir" not in lines[0]
+    assert after == before
 
 
 # ---- real processes -----------------------------------------------------------------------------

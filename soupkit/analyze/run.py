@@ -18,6 +18,7 @@ import torch
 
 from soupkit.analyze.stats import Grams, factor_bases, gram_rank, sign_conflict, subspace_overlaps
 from soupkit.execute import Inputs, load_sources, plan_recipe, source_names
+from soupkit.io.progress import progress
 from soupkit.methods import LoraFactors
 from soupkit.ops import single_thread
 from soupkit.plan import ModulePlan
@@ -120,7 +121,7 @@ def _analyze(recipe: Recipe, dense: bool, base_norms: bool) -> dict:
     names = [a.name for a in recipe.adapters]
     density = getattr(recipe.merge.params, "density", None)
     records = []
-    for layer in plan.layers:
+    for layer in progress(plan.layers, "analyze", "layer"):
         for module in layer.modules:
             if not module.sources:
                 continue

@@ -44,7 +44,7 @@ def read_records(source: str, where: str) -> list[dict]:
         check_data_path(path, where)
     if path.is_file():
         records = []
-        for i, line in enumerate(path.read_text().splitlines(), start=1):
+        for i, line in enumerate(read_utf8(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -58,6 +58,29 @@ def read_records(source: str, where: str) -> list[dict]:
             records.append(record)
         return records
     return _hub_records(source, where)
+
+
+def read_utf8(path: Path) -> str:
+    """The file's text; a byte that is not UTF-8 is a one-line error naming its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SoupkitError(
+            f"{path}:{line}",
+            "UTF-8 text",
+            f"the byte {data[err.start : err.start + 1]!r}, which is not UTF-8",
+            "save the file as UTF-8",
+        ) from None
+
+
+def same_source(data: str, eval_data: str) -> bool:
+    """Whether --eval-data names the same file (or dataset) as --data."""
+    a, b = Path(data).expanduser(), Path(eval_data).expanduser()
+    if a.is_file() and b.is_file():
+        return a.samefile(b)
+    return data == eval_data
 
 
 def looks_like_path(source: str) -> bool:
@@ -106,13 +129,28 @@ def check_record_shapes(records: list[dict], where: str) -> None:
             )
         if "messages" in record:
             messages = record["messages"]
-            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
                 raise SoupkitError(
                     f"{where} record {i}",
-                    "'messages' as a non-empty list of {role, content}",
+                    "'messages' as a non-empty list of {role, content} (strings)",
                     repr(messages)[:60],
                     "fix the record",
                 )
+            continue
+        fields = ("prompt", "completion") if "prompt" in record and "completion" in record else ("text",)
+        for name in fields:
+            if not isinstance(record[name], str):
+                raise SoupkitError(
+                    f"{where} record {i}",
+                    f"'{name}' as a string",
+                    f"{type(record[name]).__name__} {repr(record[name])[:40]}",
+                    "quote the value, or fix the record",
+                )
+
+
+def _is_message(message: object) -> bool:
+    """One chat message: a mapping with string 'role' and 'content'."""
+    return isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
 
 
 def tokenize_record(record: dict, tokenizer: Any, seq_len: int, where: str) -> Example:

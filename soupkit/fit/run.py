@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import yaml
 
-from soupkit.errors import SoupkitError
-from soupkit.fit.data import check_record_shapes, load_examples, read_records, split_heldout
+from soupkit.errors import SoupkitError, warn_user
+from soupkit.fit.checks import check_finite_options, check_micro_batch_fits, micro_batch_without_repeats
+from soupkit.fit.data import check_record_shapes, load_examples, read_records, same_source, split_heldout
 from soupkit.fit.model import CatFitModel, build_fit_model
 from soupkit.fit.report import weights_by_module, write_report
 from soupkit.fit.train import FitOptions, FitState, make_accelerator, train, with_autocast, with_weights
@@ -32,7 +33,8 @@ from soupkit.io.output_guard import (
     resolve_output,
 )
 from soupkit.io.output_markers import FITTED_HEADER
-from soupkit.io.resolve import resolve_reference
+from soupkit.io.progress import on_terminal
+from soupkit.io.resolve import TOKENIZER_VOCAB_FILES, has_tokenizer, resolve_reference
 from soupkit.recipe import Recipe, load_recipe
 from soupkit.recipe.load import reads_stdin
 
@@ -47,6 +49,7 @@ class FitOutcome:
     steps: int
     tokens_per_s: float
     main_process: bool
+    chosen: str = "fitted"  # whose weights the fitted recipe holds (see keep_the_better)
 
 
 def default_paths(recipe_path: Path, out: Path | None, report_dir: Path | None) -> tuple[Path, Path]:
@@ -67,6 +70,7 @@ def run_fit_alpha(
 
     Every user error is raised before any file is written.
     """
+    check_finite_options(options)
     recipe = load_recipe(recipe_path)
     out, report_dir = default_paths(recipe_path, out, report_dir)
     targets = fit_output_targets(recipe_path, recipe, [data, eval_data], out, report_dir, overwrite)
@@ -83,6 +87,11 @@ def run_fit_alpha(
     train_records = read_records(data, "--data")
     check_record_shapes(train_records, "--data")
     eval_records = read_records(eval_data, "--eval-data") if eval_data else None
+    if eval_data and same_source(data, eval_data):
+        warn_user(
+            f"--eval-data is --data ({data[:80]}): the held-out loss then scores the training examples, so early "
+            "stopping and the choice of weights cannot see overfitting; pass other examples, or omit --eval-data"
+        )
     if eval_records is not None:
         check_record_shapes(eval_records, "--eval-data")
     tokenizer, pad_id = load_tokenizer(recipe)
@@ -93,6 +102,8 @@ def run_fit_alpha(
         train_set, eval_set = split_heldout(train_set, options.heldout_fraction, options.seed)
     accelerator = make_accelerator(options)
     options = resolve_sharding(options, accelerator)
+    options = micro_batch_without_repeats(options, len(train_set), accelerator.num_processes)
+    check_fit_memory(recipe, options, train_set, accelerator)
     with (
         claim(targets, overwrite, "soupkit fit-alpha") if accelerator.is_main_process else nullcontext()
     ):  # one writer per output
@@ -144,7 +155,8 @@ def write_fitted(
         atomic_file(targets[0], overwrite, f"{header}\n" + yaml.safe_dump(fitted, sort_keys=False))
     accelerator.wait_for_everyone()
     speed = state.tokens / state.seconds if state.seconds else 0.0
-    return FitOutcome(targets[0].given, targets[1].given, state.heldout, state.steps, speed, accelerator.is_main_process)
+    main = accelerator.is_main_process
+    return FitOutcome(targets[0].given, targets[1].given, state.heldout, state.steps, speed, main, state.chosen)
 
 
 def resolve_sharding(options: FitOptions, accelerator: Any) -> FitOptions:
@@ -178,6 +190,10 @@ def load_fit_model(recipe: Recipe, options: FitOptions, accelerator: Any) -> tup
 
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     device = accelerator.device
+    if not on_terminal():  # transformers' "Loading weights" bar would fill a redirected stderr
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     if options.shard:
         return build_sharded_fit_model(recipe, options.granularity, options.constraint, device, dtype, options.checkpointing)
     model, recipe_weights = build_fit_model(recipe, options.granularity, options.constraint, device, dtype)
@@ -186,12 +202,38 @@ def load_fit_model(recipe: Recipe, options: FitOptions, accelerator: Any) -> tup
     return model, recipe_weights
 
 
+def check_fit_memory(recipe: Recipe, options: FitOptions, train_set: list, accelerator: Any) -> None:
+    """Refuse a micro-batch that cannot fit on the device, from the base's headers (``checks`` module)."""
+    from soupkit.execute import available_memory
+    from soupkit.io.base_model import BaseModelInfo
+
+    base = BaseModelInfo(resolve_reference(recipe.base_model, recipe.root, "base_model", "base+tokenizer"))
+    dtype_bytes = 2 if accelerator.mixed_precision == "bf16" else 4
+    free = available_memory("cuda" if accelerator.device.type == "cuda" else "cpu")
+    check_micro_batch_fits(options, base, train_set, dtype_bytes, free, accelerator.num_processes if options.shard else 1)
+
+
 def load_tokenizer(recipe: Recipe) -> tuple[Any, int]:
     """The base model's tokenizer and a pad id (pad, else eos, else 0: padding carries no loss anyway)."""
     from transformers import AutoTokenizer
 
     base = resolve_reference(recipe.base_model, recipe.root, "base_model", "base+tokenizer")  # hub: tokenizer files too
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    if not has_tokenizer(base):
+        raise SoupkitError(
+            "base_model",
+            f"tokenizer files ({', '.join(TOKENIZER_VOCAB_FILES[:2])}, ...) in {base}",
+            "none",
+            "copy the base model's tokenizer files into that folder",
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError, TypeError, KeyError) as err:  # transformers' ways of saying "cannot build it"
+        raise SoupkitError(
+            "base_model",
+            f"a tokenizer transformers can load from {base}",
+            f"{type(err).__name__}: {err}"[:200],
+            "fix or re-download its tokenizer files",
+        ) from None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer, int(pad or 0)
 
@@ -252,6 +294,7 @@ def fit(
         state.weights = model.weights().detach().float().cpu()
         heldout["init"] = state.curve[0]["eval_loss"]  # the held-out loss at the starting logits
     state.heldout = {**heldout, **state.heldout}
+    keep_the_better(state, {"recipe": recipe_weights, "uniform": uniform}, model.mask)
     state.device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu"
     state.peak_memory_bytes = torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda" else None
     state.extra = {
@@ -260,6 +303,25 @@ def fit(
         "peak_host_rss_bytes": peak_host_rss(accelerator),
     }
     return state
+
+
+def keep_the_better(state: FitState, starts: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+    """Write the recipe's (or uniform) weights instead of the fitted ones when those are no better held out.
+
+    A fit on little data can end worse than where it started; the user is told, and the report says
+    which weights were written (``chosen_weights``). On a tie the recipe's own weights win.
+    """
+    fitted = state.heldout["fitted"]
+    best = min(starts, key=lambda name: state.heldout[name])  # dict order: recipe before uniform on a tie
+    if fitted < state.heldout[best]:
+        return
+    state.weights = (starts[best].to(mask.device) * mask).float().cpu()
+    state.chosen = best
+    warn_user(
+        f"the fitted weights are no better on held-out data than the {best} weights ({fitted:.4f} against "
+        f"{state.heldout[best]:.4f} loss per token); the fitted recipe keeps the {best} weights (more data, "
+        "--eval-data or another --lr may help)"
+    )
 
 
 def peak_host_rss(accelerator: Any) -> int:
@@ -298,6 +360,7 @@ def build_report(state: FitState, options: FitOptions, weights: dict[str, dict[s
         "granularity": "adapter" if options.search == "lorahub" else options.granularity,
         "constraint": "free" if options.search == "lorahub" else options.constraint,
         "heldout_loss": state.heldout,
+        "chosen_weights": state.chosen,  # fitted, or recipe/uniform when the fit was no better held out
         "steps": state.steps,
         "best_step": state.best_step,
         "stopped_early": state.stopped_early,

@@ -23,6 +23,7 @@ from soupkit.errors import SoupkitError
 from soupkit.fit.data import Example, collate
 from soupkit.fit.model import CatFitModel, Constraint, Granularity
 from soupkit.fit.shard import sync_logit_grads
+from soupkit.io.progress import progress
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class FitState:
     num_processes: int = 1
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
+    chosen: str = "fitted"  # whose weights are written: "fitted", or "recipe"/"uniform" when those score better held out
 
 
 def make_accelerator(options: FitOptions) -> Any:
@@ -162,7 +164,7 @@ def train(
     best = (evaluate(accelerator, model, eval_set, options.batch_size, pad_id), 0, core.logits.detach().clone())
     state.curve.append({"step": 0, "eval_loss": best[0]})
     bad_evals, tokens = 0, torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    for step in range(1, n_steps + 1):
+    for step in progress(range(1, n_steps + 1), "fit-alpha", "step", enabled=accelerator.is_main_process):
         start = time.perf_counter()
         step_loss = _one_step(accelerator, model, optimizer, stream, train_set, pad_id, options, world, rank, tokens)
         if accelerator.device.type == "cuda":

@@ -53,6 +53,15 @@ class OutputTarget:
     def error(self, expected: str, found: str, fix: str) -> SoupkitError:
         return SoupkitError(self.where, expected, found, fix)
 
+    @property
+    def example(self) -> str:
+        """A fix that names a fresh output of this kind (``-o fitted.yaml`` for fit-alpha's file)."""
+        return f"{self.flag} {EXAMPLE_NAMES[self.kind]}"
+
+
+# a fresh output name to suggest, per kind: fit-alpha's -o is a YAML file, not a folder
+EXAMPLE_NAMES = {"merge": "merged", "analysis": "analysis", "fitted-recipe": "fitted.yaml", "fit-report": "fit-report"}
+
 
 # ---- 1. output paths ----------------------------------------------------------------------------
 
@@ -65,7 +74,7 @@ def resolve_output(given: Path, flag: str, kind: Kind) -> OutputTarget:
     given = Path(given)
     shown = f"{flag} {given}"
     if str(given) in ("", ".", "..", "/") or given.name in ("", ".", ".."):
-        raise SoupkitError(shown, "a name for a new output", f"'{given}'", f"name the output, e.g. {flag} merged")
+        raise SoupkitError(shown, "a name for a new output", f"'{given}'", f"name the output, e.g. {flag} {EXAMPLE_NAMES[kind]}")
     absolute = Path(os.getcwd()) / given
     _walk(absolute, shown)
     target = OutputTarget(given, flag, kind, Path(os.path.realpath(absolute)))
@@ -111,7 +120,8 @@ def _refuse_special(target: OutputTarget) -> None:
     for folder, name in ((cwd, "current folder"), (home, "home folder")):
         if path == folder or path in folder.parents:
             found = f"the {name}" if path == folder else f"a folder that holds the {name} ({folder})"
-            raise target.error("a new output folder", found, f"name a new folder, e.g. {flag} merged")
+            new = "a new output file" if target.kind == "fitted-recipe" else "a new output folder"
+            raise target.error(new, found, f"name a new {new.rsplit(' ', 1)[1]}, e.g. {target.example}")
 
 
 def _check_writable_parent(target: OutputTarget) -> None:
@@ -209,7 +219,7 @@ def claim(targets: Sequence[OutputTarget], overwrite: bool, command: str) -> Ite
     """
     with ExitStack() as stack:
         stack.enter_context(SIGNALS.installed_here())
-        for target in sorted(targets, key=lambda t: str(t.path)):
+        for target in targets:  # the main output first: a second run is told about the option it can change
             created = _make_parents(target.path.parent)
             stack.callback(_remove_empty, created)
             lock = OutputLock(target.path, target.where, target.flag, command)

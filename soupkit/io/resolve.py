@@ -34,6 +34,15 @@ TOKENIZER_FILES = [
     "chat_template.jinja",
     "chat_template.json",
 ]
+# the files transformers builds a tokenizer from (tokenizer_config.json alone only names a class)
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
+
+
+def has_tokenizer(directory: Path) -> bool:
+    """Whether a model folder holds a tokenizer's vocabulary file."""
+    return any((directory / name).is_file() for name in TOKENIZER_VOCAB_FILES)
+
+
 PATTERNS: dict[str, list[str]] = {
     "adapter": ADAPTER_FILES,
     "base": BASE_FILES,

@@ -69,7 +69,14 @@ def read_header(path: Path) -> dict:
         if len(raw) < 8:
             raise SoupkitError(str(path), "a safetensors file", f"{size} bytes", "re-download or re-save the file")
         (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
+        if n > MAX_HEADER_BYTES:  # random or foreign bytes: their first 8 give an absurd header length
+            raise SoupkitError(
+                str(path),
+                f"a safetensors file (an 8-byte header length of at most {MAX_HEADER_BYTES // 2**20} MB, then JSON)",
+                f"other bytes (a header length of {n:,} bytes)",
+                "re-download it, or point at the right file",
+            )
+        if 8 + n > size:
             raise SoupkitError(str(path), "a complete safetensors header", "a truncated file", "re-download or re-save it")
         try:
             header = json.loads(fh.read(n))

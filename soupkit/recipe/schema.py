@@ -127,6 +127,11 @@ class Recipe(StrictModel):
         """Validate a parsed recipe, method parameters included; errors are ``RecipeError``."""
         return validate_recipe(data, root or Path.cwd())
 
+    @property
+    def from_lock_file(self) -> bool:
+        """Whether this recipe is a lock file (every default written out, so no field was chosen by hand)."""
+        return self._locked_versions is not None
+
     def source_data(self) -> dict:
         """A copy of the recipe's parsed YAML as written (no defaults filled in, no lock section)."""
         return copy.deepcopy(self._source)
