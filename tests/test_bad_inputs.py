@@ -261,6 +261,7 @@ def export_fp16_overflow(d: Path) -> list[str]:
     save_file({k: v.half() for k, v in tensors.items()}, base / "model.safetensors", metadata={"format": "pt"})
     recipe = tiny_recipe("cat", weights=(1e6, 1.0))
     recipe.update(base_model=str(base), output="model")
+    recipe.pop("dtype")  # a full model keeps the base's dtype (a recipe dtype would add a warning line)
     return merge_args(d, recipe)
 
 
