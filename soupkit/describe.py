@@ -136,6 +136,13 @@ def describe_adapter(directory: Path) -> str:
         lines.append(f"  lora_bias: {len(adapter.biases)} modules add a bias update")
     if adapter.saved:
         lines.append(f"  modules_to_save: {', '.join(adapter.saved)} (full trained copies); {VLLM_MODULES_TO_SAVE}")
+    if adapter.param_wrappers:
+        lines.append(
+            f"  target_parameters {', '.join(cfg.get('target_parameters') or [])}: {len(adapter.param_wrappers)} wrapped "
+            "parameter tensors (MoE experts, routers), placed against the base at merge time; not listed below"
+        )
+    if adapter.magnitudes:
+        lines.append("  use_dora: each module's update is its task vector W' - W (the norms below are of s B A only)")
     rows: list[Sequence[object]] = [("module", "rank", "scale", "||s B A||_F")]
     rows += [(spec.path, spec.rank, f"{spec.scale:g}", f"{frobenius_norm(adapter.load(spec.path)):.4g}") for spec in specs]
     return "\n".join(lines + format_table(rows, indent="  ", right=(1, 2, 3)))

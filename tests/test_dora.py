@@ -207,3 +207,35 @@ def test_factor_methods_are_refused_with_dora(tmp_path: Path, doras: dict) -> No
     with pytest.raises(SoupkitError, match="merge.method.*DoRA") as err:
         merge(tmp_path, doras, WEIGHTS, method="lego")
     assert "\n" not in str(err.value)
+
+
+def test_gpt2_conv1d_dora_fan_in_fan_out(tmp_path: Path) -> None:
+    """GPT-2 stores Conv1D weights (d_in, d_out): PEFT's norm is still per output; the full model must match."""
+    from peft import PeftModel
+    from transformers import GPT2Config
+
+    from soupkit.testing import make_base
+
+    base = make_base(tmp_path / "gpt2", seed=1, config=GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = save_dora(base, tmp_path / "a", 3, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+        b = save_dora(base, tmp_path / "b", 4, r=2, lora_alpha=2, target_modules=["c_attn"], fan_in_fan_out=True)
+        merged = {n: PeftModel.from_pretrained(load(base), p).merge_and_unload().state_dict() for n, p in (("a", a), ("b", b))}
+    original = {k: v.double() for k, v in load(base).state_dict().items()}
+    state = dict(original)
+    for name, w in WEIGHTS.items():  # W + sum_i w_i (W'_i - W)
+        state = {k: state[k] + w * (merged[name][k].double() - original[k]) for k in state}
+    reference = load(base)
+    reference.load_state_dict({k: v.float() for k, v in state.items()})
+    want = logits(reference)
+    spec = {
+        "base_model": str(base),
+        "adapters": [{"name": "a", "path": str(a), "weight": 0.7}, {"name": "b", "path": str(b), "weight": 0.4}],
+        "merge": {"method": "cat"},
+        "dtype": "float32",
+        "output": "model",
+    }
+    merge_recipe(Recipe.from_dict(spec, tmp_path), tmp_path / "out", QUIET)
+    assert relative(logits(load(base)), want) > 1e-2
+    assert relative(logits(load(tmp_path / "out")), want) < 1e-5
