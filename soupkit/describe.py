@@ -101,6 +101,11 @@ def describe_plan(recipe: Recipe, plan: Plan) -> str:
             srcs = ", ".join(f"{names[s.adapter]}(r={s.rank}, w={s.weight:g})" for s in m.sources) or "none (zeros)"
             rows.append((f"  {m.path}", f"{m.d_out}x{m.d_in}", m.rank, plan.rank, srcs))
     lines += format_table(rows, right=(2, 3))
+    for saved in plan.saved:
+        srcs = ", ".join(f"{names[s.adapter]}(w={s.weight:g})" for s in saved.sources)
+        lines.append(f"modules_to_save {saved.name} {'x'.join(map(str, saved.shape))}: base + merged (saved - base) of {srcs}")
+    if plan.biased:
+        lines.append(f"lora_bias: {len(plan.biased)} modules merge a bias update with the same weights")
     lines.append(
         "merged rank: the rank of the module's merged update (merge.rank, else the method's default, at most "
         "min(d_out, d_in)); written r: the output's one rank, to which smaller modules are zero-padded"

@@ -219,8 +219,21 @@ def test_serving_vllm_refuses_lora_bias(tmp_path: Path, zoo: dict) -> None:
     assert not (tmp_path / "refused").exists()
 
 
-def test_inspect_says_vllm_refuses(zoo: dict) -> None:
-    from soupkit.describe import describe_adapter
+def test_inspect_says_vllm_refuses(tmp_path: Path, zoo: dict) -> None:
+    from soupkit.describe import describe_adapter, describe_plan
+    from soupkit.execute import plan_recipe
+
+    recipe = Recipe.from_dict(
+        {
+            "base_model": str(zoo["base"]),
+            "adapters": [{"name": "n", "path": str(zoo["n"])}, {"name": "p", "path": str(zoo["p"])}],
+            "merge": {"method": "cat"},
+        },
+        tmp_path,
+    )
+    shown = describe_plan(recipe, plan_recipe(recipe)[0])
+    assert "modules_to_save lm_head.weight 100x64: base + merged (saved - base) of n(w=1)" in shown
+    assert "lora_bias: 4 modules" in shown
 
     text = describe_adapter(zoo["n"])
     assert "modules_to_save: base_model.model" not in text and "lm_head.weight" in text
