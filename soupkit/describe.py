@@ -10,7 +10,8 @@ from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from soupkit.io.adapter import VLLM_MODULES_TO_SAVE, LoraAdapter
+from soupkit.io.adapter import LoraAdapter
+from soupkit.io.adapter_config import VLLM_MODULES_TO_SAVE
 from soupkit.io.base_model import layer_of
 from soupkit.methods import REGISTRY
 from soupkit.ops import frobenius_norm

@@ -21,7 +21,7 @@ from soupkit.execute import (
     write_adapter,
 )
 from soupkit.export import export_model
-from soupkit.io.adapter import VLLM_MODULES_TO_SAVE
+from soupkit.io.adapter_config import VLLM_MODULES_TO_SAVE
 from soupkit.io.output_guard import atomic_dir, check_replaceable, claim, resolve_output
 from soupkit.io.resolve import TOKENIZER_VOCAB_FILES, has_tokenizer, lock_reference
 from soupkit.plan import Plan

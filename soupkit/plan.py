@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass, replace
 
 from soupkit.errors import AdapterError, RecipeError, UnsupportedAdapterError, did_you_mean
-from soupkit.io.adapter import FLOAT_TAGS, LoraAdapter
+from soupkit.io.adapter import LoraAdapter
+from soupkit.io.adapter_config import FLOAT_TAGS
 from soupkit.io.base_model import BaseModelInfo, layer_of
 from soupkit.io.experts import ParamSlot, checkpoint_pieces, param_structure
 from soupkit.methods import MergeMethod, MethodParams, get_method
@@ -212,9 +213,8 @@ def check_dora_method(method: MergeMethod, adapters: list[LoraAdapter]) -> None:
 def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo, out_dtype: str) -> Plan:
     """Plan the merge from headers: validate shapes, resolve weights and ranks, order by layer."""
     method = get_method(recipe.merge.method)
-    saved_paths = [name.rsplit(".", 1)[0] for adapter in adapters for name in adapter.saved]
-    modules = [spec.path for adapter in adapters for spec in adapter.modules.values() if spec.kind != "param"]
-    base.adopt_module_paths(modules + saved_paths)
+    lora_paths = [spec.path for adapter in adapters for spec in adapter.modules.values() if spec.kind != "param"]
+    base.adopt_module_paths(lora_paths + saved_modules(adapters))
     for adapter in adapters:
         for spec in adapter.modules.values():
             if spec.kind != "param":  # targeted parameters were checked against the base when attached
@@ -236,8 +236,7 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
     check_dora_method(method, adapters)
 
     check_rank_budget(recipe, method, modules)
-    saved_modules = sorted({name.rsplit(".", 1)[0] for adapter in adapters for name in adapter.saved})
-    check_module_globs(recipe, [m.path for m in modules] + saved_modules)  # overrides weight saved modules too
+    check_module_globs(recipe, [m.path for m in modules] + saved_modules(adapters))  # overrides weight saved modules too
     rank = max((m.rank for m in modules), default=0)
     if rank == 0:
         raise AdapterError("adapters", "at least one adapted module", "no LoRA tensors", "check the adapter directories")
@@ -261,6 +260,11 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
         target_parameters=target_parameters,
     )
     return with_saved_and_biases(recipe, adapters, base, plan)
+
+
+def saved_modules(adapters: list[LoraAdapter]) -> list[str]:
+    """The module paths of every modules_to_save tensor of the inputs (``lm_head``)."""
+    return sorted({name.rsplit(".", 1)[0] for adapter in adapters for name in adapter.saved})
 
 
 def with_saved_and_biases(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo, plan: Plan) -> Plan:

@@ -35,7 +35,7 @@ def test_target_rule_matches_the_modules_peft_wraps(config: dict) -> None:
     from peft import LoraConfig, inject_adapter_in_model
     from transformers import AutoModelForCausalLM
 
-    from soupkit.io.adapter import peft_targets
+    from soupkit.io.adapter_config import peft_targets
 
     model = AutoModelForCausalLM.from_pretrained(TINY / "base")
     linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]

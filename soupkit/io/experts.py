@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soupkit.errors import AdapterError, SoupkitError, UnsupportedAdapterError, did_you_mean
-from soupkit.io.adapter import FLOAT_TAGS, ExpertSlice, LoraAdapter, ModuleSpec, pattern_value
+from soupkit.io.adapter import ExpertSlice, LoraAdapter, ModuleSpec
+from soupkit.io.adapter_config import FLOAT_TAGS, pattern_value
 from soupkit.io.tensor_index import TensorIndex
 
 Piece = tuple[str, int, int, int]  # (checkpoint key, its first row (2-D view) that is updated, rows lo:hi of the expert)
