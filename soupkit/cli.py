@@ -161,7 +161,8 @@ def validate(recipe: Path) -> None:
     problem = memory_problem(plan)
     if problem is not None:
         raise problem
-    click.echo(f"{recipe}: ok ({plan.method}, {len(plan.modules)} modules, output rank {plan.rank})")
+    label = recipe if recipe_file(recipe) else "<stdin>"
+    click.echo(f"{label}: ok ({plan.method}, {len(plan.modules)} modules, output rank {plan.rank})")
 
 
 @main.command(epilog=examples("soupkit plan recipes/ties.yaml"))

@@ -799,3 +799,13 @@ def test_local_copy_of_a_hub_base_is_recorded_by_its_hub_id(tmp_path: Path) -> N
     card = (tmp_path / "out" / "README.md").read_text()
     assert "base_model: tiny-org/tiny-llama" in card and "## Base model" in card
     assert "PeftModel.from_pretrained(base, PATH)" in card and f"merged against `{TINY / 'base'}`" in card
+
+
+def test_lorahub_reports_no_zero_speed(tmp_path: Path) -> None:
+    """LoraHub trains nothing: fit-alpha printed '0 tokens/s'; now it prints no speed, and names the weights written."""
+    args = fit_case(b'{"text": "hello world, more text here"}\n' * 6, "--search", "lorahub", "--budget", "2")(tmp_path)
+    result = CliRunner().invoke(main, [*args, "--lorahub-examples", "1"])
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" not in result.stdout and "weights written: " in result.stdout, result.stdout
+    report = json.loads((tmp_path / "out-report" / "fit_report.json").read_text())
+    assert report["chosen_weights"] in ("fitted", "recipe") and report["tokens_per_s"] is None

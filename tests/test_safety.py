@@ -366,17 +366,17 @@ count = [0]
 def slow_write(self, key, tensor):
     count[0] += 1
     print(f"tensor-{count[0]}", flush=True)
-    time.sleep(0.3)
+    time.sleep(0.3 if mode == "slow" or count[0] <= 3 else 0)  # slow-start: only the first three
     return write(self, key, tensor)
 
 def slow_parts(self, key, parts):
     count[0] += 1
     print(f"tensor-{count[0]}", flush=True)
-    time.sleep(0.3)
+    time.sleep(0.3 if mode == "slow" or count[0] <= 3 else 0)
     return parts_write(self, key, parts)
 
 write, parts_write = writer.SafetensorsStreamWriter.write, sharded.ShardedWriter.write_parts
-if mode == "slow":
+if mode in ("slow", "slow-start"):
     writer.SafetensorsStreamWriter.write = slow_write
     sharded.ShardedWriter.write_parts = slow_parts
 from soupkit.cli import main
@@ -384,10 +384,23 @@ main(sys.argv[1:])
 """
 
 
-def spawn(world: World, args: list[str], mode: str) -> subprocess.Popen:
+def spawn(world: World, args: list[str], mode: str, ignore: tuple[int, ...] = ()) -> subprocess.Popen:
+    """A CLI child process; ``ignore``: signals it starts with ignored (as under nohup), the others at their default
+    (whatever this test process inherited: CI may itself run under nohup)."""
     env = {**os.environ, "SAFETY_MODE": mode, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def ignore_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN if sig in ignore else signal.SIG_DFL)
+
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD, *args], cwd=world.work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-c", CHILD, *args],
+        cwd=world.work,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=ignore_signals,
     )
 
 
@@ -489,6 +502,19 @@ def test_signal_mid_export_removes_temporary_output_and_lock(tmp_path: Path, sig
     assert len(stderr.splitlines()) == 1 and f"stopped by {signal.Signals(sig).name}" in stderr, stderr
     assert leftovers(tmp_path) == []
     assert tree_state(tmp_path) == before  # OUT absent, or the previous output byte for byte
+
+
+def test_sighup_under_nohup_is_still_ignored(tmp_path: Path) -> None:
+    """A run started with SIGHUP ignored (`nohup soupkit merge ...`) survives the hang-up and completes."""
+    world = World(tmp_path)
+    child = spawn(world, world.merge(tmp_path / "out"), "slow-start", ignore=(signal.SIGHUP,))
+    for line in child.stdout:  # type: ignore[union-attr]
+        if line.strip() == "tensor-2":
+            child.send_signal(signal.SIGHUP)
+            break
+    child.stdout.read()  # type: ignore[union-attr]
+    assert child.wait(timeout=60) == 0, child.stderr.read()  # type: ignore[union-attr]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file() and leftovers(tmp_path) == []
 
 
 HANG_CHILD = r"""

@@ -294,7 +294,10 @@ def fit(
         state.weights = model.weights().detach().float().cpu()
         heldout["init"] = state.curve[0]["eval_loss"]  # the held-out loss at the starting logits
     state.heldout = {**heldout, **state.heldout}
-    keep_the_better(state, {"recipe": recipe_weights, "uniform": uniform}, model.mask)
+    # the weights a fit must beat: the recipe's, and gradient's uniform start (LoraHub's one weight per adapter
+    # starts at 0, no adapter at all; a per-module uniform start is not one of its answers)
+    starts = {"recipe": recipe_weights} if options.search == "lorahub" else {"recipe": recipe_weights, "uniform": uniform}
+    keep_the_better(state, starts, model.mask)
     state.device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu"
     state.peak_memory_bytes = torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda" else None
     state.extra = {

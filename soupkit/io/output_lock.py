@@ -131,7 +131,8 @@ class _Signals:
             return
         if not self.installed:
             self.received = None
-            self.previous = {s: signal.signal(s, self.handler) for s in STOP_SIGNALS}
+            # a signal the process was started ignoring stays ignored: `nohup soupkit merge ...` survives a hang-up
+            self.previous = {s: signal.signal(s, self.handler) for s in STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
         self.installed += 1
         try:
             yield
