@@ -42,6 +42,29 @@ def examples(*commands: str) -> str:
     return "\b\nExamples:\n" + "\n".join(f"  {c}" for c in commands)
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep freed large buffers for reuse instead of handing them back to the kernel.
+
+    A dense merge allocates and frees several (d_out, d_in) float32 temporaries per module (64 MB on a
+    Llama-1B MLP, 235 MB on Llama-3-8B's). By default glibc maps each one fresh and unmaps it when
+    freed, and the kernel zero-fills every 4 KiB page again on first touch: measured on the 2-core
+    machine, that was 60% of a TIES module's CPU time (1.44 s -> 0.57 s per 8192 x 2048 module with
+    the thresholds below). Process-wide, so only the CLI, which owns its process, sets it; a C
+    library without ``mallopt`` (not glibc) is left as it is.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, 1 << 30)  # blocks below 1 GiB come from the heap and are reused
+    mallopt(m_trim_threshold, (1 << 31) - 1)  # and the heap keeps up to 2 GiB free at its top
+
+
 class SoupkitGroup(click.Group):
     """Prints user errors as one line on stderr and exits 2, without a traceback.
 
@@ -110,6 +133,7 @@ def merge(
     drop_modules_to_save: bool,
 ) -> None:
     """Run RECIPE and write one merged PEFT adapter (or full model)."""
+    keep_freed_memory()
     from soupkit.describe import human_bytes
     from soupkit.execute import RunOptions
     from soupkit.io.sharded import parse_size
@@ -193,6 +217,7 @@ def analyze(recipe: Path, out: Path | None, dense: bool, no_base: bool, overwrit
     from soupkit.analyze import analyze_to, format_table
     from soupkit.recipe import load_recipe
 
+    keep_freed_memory()
     loaded = load_recipe(recipe)
     out = out or Path(f"{recipe_stem(recipe)}-analysis")
     result = analyze_to(loaded, out, dense=dense, base_norms=not no_base, overwrite=overwrite, recipe_file=recipe_file(recipe))

@@ -102,9 +102,9 @@ def test_best_rank_k_is_the_eckart_young_optimum(shape: tuple[int, int]) -> None
     total = float(s.square().sum())
     best_kept = 1 - optimum / total
     assert factors.rank <= rank
-    # directions 13..16 sit in a flat noise floor, the slowest case for the iterative path
-    assert error <= optimum + 1e-5 * total
-    assert best_kept - 1e-5 <= kept <= best_kept + 1e-9  # the reported energy is never optimistic
+    # directions 13..16 sit in a flat noise floor, the slowest case for the randomized path (no start)
+    assert error <= optimum * (1 + 1e-3)  # within 1e-3 of the exact best rank-k residual (issue 22)
+    assert kept <= best_kept + 1e-9  # the reported energy is never optimistic
     assert kept == pytest.approx(1 - error / total, abs=1e-6)
 
 

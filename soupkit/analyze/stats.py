@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from soupkit.ops import trim_to_density
+from soupkit.ops import top_fraction_threshold
 
 RANK_RTOL = 1e-6  # singular values below this fraction of the largest count as zero (as TSV's ranks, docs/methods.md)
 
@@ -122,10 +122,17 @@ def sign_conflict(deltas: list[torch.Tensor], density: float | None) -> float:
     positive = torch.zeros(deltas[0].shape, dtype=torch.int32, device=deltas[0].device)
     negative = torch.zeros_like(positive)
     for d in deltas:
-        if density is not None and density < 1.0:  # TIES' own trim (ops.trim_to_density): exact radix select
-            d = trim_to_density(d, density)
-        positive += d > 0
-        negative += d < 0
+        pos, neg = d > 0, d < 0
+        if density is not None and density < 1.0:  # TIES' trim (as ops.trim_to_density): keep |d| >= t
+            mag = d.abs()
+            t = top_fraction_threshold(mag, density)
+            if t > 0:
+                kept = mag >= t
+                pos &= kept
+                neg &= kept
+            del mag
+        positive += pos
+        negative += neg
     shared = (positive + negative) >= 2
     n_shared = int(shared.sum())
     return float(((positive > 0) & (negative > 0) & shared).sum()) / n_shared if n_shared else float("nan")

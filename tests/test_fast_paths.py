@@ -1,0 +1,98 @@
+"""The fast paths of issue 22 against plain references: the randomized re-factorisation of the dense
+methods (``ops.best_rank_k``) against the exact best rank-k truncation computed here in float64
+(Eckart-Young: the tail of the singular values), the float64 magnitude selection against a sort."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from soupkit.methods import REGISTRY, LoraFactors, MergeContext
+from soupkit.ops import best_rank_k, kth_largest_magnitude
+
+DENSE = {
+    "ties": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+    "dare_linear": {"density": 0.3},
+    "della": {},
+    "breadcrumbs": {},
+    "magnitude_prune": {"density": 0.2},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """One torch thread: LAPACK and small products on a shared 2-core machine are many times faster so."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def low_rank_inputs(shape: tuple[int, int], rank: int, seed: int) -> list[LoraFactors]:
+    """Two random adapters (with the spectra of trained LoRAs: a few strong directions)."""
+    g = torch.Generator().manual_seed(seed)
+    decay = torch.logspace(0, -1.5, rank)
+    return [
+        LoraFactors(A=torch.randn(rank, shape[1], generator=g), B=torch.randn(shape[0], rank, generator=g) * decay)
+        for _ in range(2)
+    ]
+
+
+def exact_residual(delta: torch.Tensor, rank: int) -> float:
+    """||delta - best rank-k||_F^2 in float64: the sum of the squared singular values past k."""
+    s = torch.linalg.svdvals(delta.double())
+    return float(s[rank:].square().sum())
+
+
+@pytest.mark.parametrize("method", sorted(DENSE))
+@pytest.mark.parametrize("shape", [(600, 1100), (1100, 600)])
+def test_randomized_truncation_is_within_1e_3_of_the_exact_residual(method: str, shape: tuple[int, int]) -> None:
+    factors = low_rank_inputs(shape, 24, seed=len(method))
+    m = REGISTRY[method]
+    ctx = MergeContext("model.layers.0.mlp.up_proj", 24, 7, sources=("a", "b"))
+    dense = m.dense_merge(factors, [0.7, 0.5], m.Params.model_validate(DENSE[method]), ctx)
+    out = m.merge(factors, [0.7, 0.5], m.Params.model_validate(DENSE[method]), ctx)
+    optimum = exact_residual(dense, 24)
+    error = float(((out.factors.B @ out.factors.A).double() - dense.double()).square().sum())
+    total = float(dense.double().square().sum())
+    assert min(shape) > 512, "the randomized path runs only above 512"
+    assert out.factors.rank <= 24
+    assert optimum > 1e-3 * total, "a full-rank remainder: the residual is not trivially zero"
+    assert error <= optimum * (1 + 1e-3)
+    assert out.energy_kept == pytest.approx(1 - error / total, abs=1e-6)
+    assert out.energy_kept <= 1 - optimum / total + 1e-9  # never optimistic
+
+
+def test_randomized_truncation_is_deterministic_per_seed() -> None:
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(700, 900, generator=g) + torch.randn(700, 5, generator=g) @ torch.randn(5, 900, generator=g)
+    first, kept = best_rank_k(delta, 20, seed=11)
+    again, kept_again = best_rank_k(delta.clone(), 20, seed=11)
+    other, _ = best_rank_k(delta, 20, seed=12)
+    assert torch.equal(first.A, again.A) and torch.equal(first.B, again.B) and kept == kept_again
+    assert not torch.equal(first.A, other.A)  # the seed reaches the random columns
+
+
+def test_a_rank_deficient_update_comes_back_exactly() -> None:
+    """An update inside the start's row space (no trimming) is captured in the first sketch."""
+    factors = low_rank_inputs((800, 640), 8, seed=5)
+    delta = sum(f.B @ f.A for f in factors)
+    start = torch.cat([f.A for f in factors]).T
+    out, kept = best_rank_k(delta, 16, start=start, seed=0)
+    assert kept == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(out.B @ out.A, delta, atol=1e-4 * float(delta.abs().max()))
+
+
+def test_float64_kth_largest_matches_a_sort() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200_000, generator=g, dtype=torch.float64).abs()
+    x[:300] = 0.25  # exact ties
+    x[300:310] = 0.25 + 1e-12  # distinct in float64, the same float32
+    x[310:400] = 0.0
+    ordered = x.sort(descending=True).values
+    for k in (1, 5, 100, 300, 100_000, 199_999, 200_000):
+        assert kth_largest_magnitude(x, k) == float(ordered[k - 1])
+    near = int((x > 0.25).sum())  # the ranks around the entries that round alike in float32
+    for k in range(near - 2, near + 320, 7):
+        assert kth_largest_magnitude(x, k) == float(ordered[k - 1])
