@@ -157,3 +157,16 @@ def test_tiny_example_sweep_file_is_valid() -> None:
 
     sweep = load_sweep(TINY.parent / "sweep" / "tiny_sweep.yaml")
     assert sweep.search.methods == ["cat", "ties", "linear"]
+
+
+def test_sweep_folder_safety(sampled: Path, tmp_path: Path) -> None:
+    """-o must be new, empty or a sweep soupkit wrote; never an input. Refusals leave everything as it was."""
+    path = sweep_file(sampled, "safe.yaml", trials=1, top_k=0)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    for out, expect in ((mine, "a folder soupkit did not write"), (sampled / "a", "adapter 'a'"), (sampled, "")):
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        code, _, err = cli("sweep", str(path), "-o", str(out), "--device", "cpu")
+        assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
