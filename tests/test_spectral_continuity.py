@@ -107,10 +107,10 @@ def orthogonal_pair(seed: int) -> tuple[LoraFactors, LoraFactors]:
     return pair[0], pair[1]
 
 
-def merged(name: str, inputs: list[LoraFactors], weights: list[float], **params) -> torch.Tensor:
+def merged(name: str, inputs: list[LoraFactors], weights: list[float], rank: int | None = None, **params) -> torch.Tensor:
     method = REGISTRY[name]
     p = method.Params.model_validate(params)
-    ctx = MergeContext("model.layers.0.mlp.up_proj", None, 0, sources=("math", "code")[: len(inputs)])
+    ctx = MergeContext("model.layers.0.mlp.up_proj", rank, 0, sources=("math", "code")[: len(inputs)])
     return dense(method.merge(inputs, weights, p, ctx).factors)
 
 
@@ -170,6 +170,18 @@ def test_identical_adapters_knots_and_core(case: tuple[str, dict], weights: list
     assert rel(merged(name, [a, a], weights, **params), want) < 1e-5
 
 
+@pytest.mark.parametrize("space", ["full", "core"])
+def test_identical_adapters_tsv_rank_budget_keeps_the_best_directions(space: str) -> None:
+    """With ``merge.rank`` = r, TSV of the same adapter twice is still (w_1 + w_2) / 2 * delta (rank r): the
+    rank-deficient whitening is re-factorised into an exact SVD before the budget picks directions."""
+    a = adapter(1)
+    for rank in (RANK, RANK - 1):
+        got = merged("tsv", [a, a], [0.5, 0.8], rank=rank, space=space)
+        U, S, Vh = torch.linalg.svd(0.65 * dense(a), full_matrices=False)
+        want = U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank]  # Eckart-Young
+        assert rel(got, want) < 1e-5, rank
+
+
 # --- nearly identical adapters: outputs at most MOVED apart -----------------------------------
 
 
@@ -203,4 +215,7 @@ def test_orthogonal_adapters(case: tuple[str, dict]) -> None:
     weights = [0.9, 0.5]
     total = weights[0] * dense(one) + weights[1] * dense(two)
     want = plain_iso(total) if name == "iso_c" else total
-    assert rel(merged(name, [one, two], weights, **params), want) < 1e-5
+    got = merged(name, [one, two], weights, **params)
+    assert rel(got, want) < 1e-5
+    for seed in (7, 8):  # nearly orthogonal: 1e-6 apart from the pair above
+        assert rel(merged(name, [jittered(one, seed), extra_rank(two, seed)], weights, **params), got) < MOVED, seed

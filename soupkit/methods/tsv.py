@@ -49,20 +49,22 @@ def task_triplets(f: LoraFactors, weight: float) -> Triplets:
     return nonzero_triplets(*factor_svd(LoraFactors(A=f.A, B=weight * f.B)))
 
 
-def polar(X: torch.Tensor) -> torch.Tensor:
-    """Rank-revealing polar factor of a tall X (m, k), k <= m: P_n Q_n^T from X = P Sigma Q^T, over the n
-    singular values above RANK_RTOL of the largest. For a full-rank X (n = k) this is the nearest matrix
-    with orthonormal columns, as published; for a rank-deficient one it is X (X^T X)^+1/2, the limit of
-    X (X^T X + mu I)^-1/2 as mu -> 0, instead of directions picked by rounding."""
+def polar_parts(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-revealing polar factor of a tall X (m, k), k <= m, as (P_n (m, n), Qh_n (n, k)): the factor is
+    P_n Qh_n from X = P Sigma Q^T, over the n singular values above RANK_RTOL of the largest. For a full-rank
+    X (n = k) it is the nearest matrix with orthonormal columns, as published; for a rank-deficient one it
+    is X (X^T X)^+1/2, the limit of X (X^T X + mu I)^-1/2 as mu -> 0, instead of directions picked by rounding."""
     P, S, Qh = svd(X)
     n = kept_count(S)
-    return P[:, :n] @ Qh[:n]
+    return P[:, :n], Qh[:n]
 
 
 def tsv_whiten(parts: list[Triplets], dim: int) -> Triplets:
     """TSV's rule on per-task triplets: keep k_i = min(rank_i, dim // T), concatenate, whiten both sides.
 
-    Returns U_perp (m, K), S (K,), Vh_perp (K, n) with K = sum k_i (not sorted).
+    Returns U_perp (m, K'), S (K',), Vh_perp (K', n) with orthonormal U_perp and Vh_perp rows (S not sorted):
+    K' = K = sum k_i as published when both polar factors have full rank; otherwise U_perp S Vh_perp is the
+    exact SVD of the (lower-rank) whitened update, so that a rank budget still keeps its best directions.
     """
     cap = dim // len(parts)
     U = torch.cat([u[:, :cap] for u, _, _ in parts], dim=1)
@@ -70,7 +72,12 @@ def tsv_whiten(parts: list[Triplets], dim: int) -> Triplets:
     Vh = torch.cat([vh[:cap] for _, _, vh in parts], dim=0)
     if S.numel() == 0:
         return U, S, Vh
-    return polar(U), S, polar(Vh.T).T
+    (P_u, Qh_u), (P_v, Qh_v) = polar_parts(U), polar_parts(Vh.T)
+    if Qh_u.shape[0] == S.numel() and Qh_v.shape[0] == S.numel():
+        return P_u @ Qh_u, S, (P_v @ Qh_v).T
+    # U_perp diag(S) V_perp^T = P_u (Qh_u diag(S) Qh_v^T) P_v^T: the SVD of the small middle gives the update's.
+    U_c, S_c, Vh_c = svd((Qh_u * S[None, :]) @ Qh_v.T)
+    return P_u @ U_c, S_c, Vh_c @ P_v.T
 
 
 def factors_from_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, scale: float) -> MergeResult:
