@@ -15,6 +15,7 @@ mapping); ``checkpoint_pieces`` maps an expert's rows to the stored tensors eith
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,11 +227,13 @@ def _renamed_candidates(key: str, model_type: str) -> list[str]:
     return out
 
 
-def _conversions(model_type: str) -> list:
+@functools.lru_cache(maxsize=8)
+def _conversions(model_type: str) -> tuple:
+    """transformers' checkpoint conversion of ``model_type`` (cached: asked for every expert of every layer)."""
     from transformers import conversion_mapping
 
     aliases = getattr(conversion_mapping, "_MODEL_TO_CONVERSION_PATTERN", {})
-    return conversion_mapping.get_checkpoint_conversion_mapping(aliases.get(model_type, model_type)) or []
+    return tuple(conversion_mapping.get_checkpoint_conversion_mapping(aliases.get(model_type, model_type)) or [])
 
 
 def checkpoint_pieces(index: TensorIndex, model_type: str, param: TargetedParam, expert: int | None) -> tuple[Piece, ...]:
