@@ -187,10 +187,28 @@ def test_della_with_fixed_masks_equals_mergekit(fixed_bernoulli, normalize: str)
 
 @pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.3, 0.05), (0.9, 0.01)])
 def test_breadcrumbs_equals_mergekit(density: float, gamma: float) -> None:
+    """24 x 20 = 480 entries: here int(gamma n) + int(density n) = int((gamma + density) n), so both keep the
+    same entries (the next test shows the one-entry difference docs/methods.md names otherwise)."""
     base = torch.zeros_like(DELTAS[0])
     params = {"weight": WEIGHTS, "density": density, "gamma": gamma, "lambda": 0.9}
     want = merge_tensors([base, *DELTAS], "breadcrumbs", parameters=params, base_index=0)
     assert rel(soupkit_merge("breadcrumbs", 3, density=density, gamma=gamma, **{"lambda": 0.9}), want) < 1e-5
+
+
+def test_breadcrumbs_count_differs_from_mergekit_where_the_roundings_differ() -> None:
+    """docs/methods.md: with n = 15, density 0.5, gamma 0.1 soupkit keeps 8 entries (ranks 2..9 from the top),
+    mergekit int(7.5) = 7 (ranks 2..8)."""
+    from mergekit.sparsify import magnitude_outliers
+
+    g = torch.Generator().manual_seed(0)
+    one = LoraFactors(A=torch.randn(3, 3, generator=g), B=torch.randn(5, 3, generator=g))
+    method = REGISTRY["breadcrumbs"]
+    params = method.Params.model_validate({"density": 0.5, "gamma": 0.1})
+    f = method.merge([one], [1.0], params, MergeContext(MODULE, 64, 0, sources=("math",))).factors
+    ours = (f.B @ f.A).double()
+    theirs = magnitude_outliers((one.B @ one.A).double(), 0.5, gamma=0.1)
+    assert int((ours.abs() > 1e-6).sum()) == 8 and int((theirs != 0).sum()) == 7
+    assert int(((ours - theirs).abs() > 1e-5).sum()) == 1  # the same band, one entry longer
 
 
 def test_linear_equals_mergekits_task_arithmetic_and_linear() -> None:
