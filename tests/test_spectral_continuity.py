@@ -6,10 +6,17 @@ give (w_1 + w_2) / 2 * delta; orthogonal adapters: the weighted sum)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from soupkit.execute import RunOptions
+from soupkit.merge import merge_recipe
 from soupkit.methods import REGISTRY, LoraFactors, MergeContext
+from soupkit.recipe import Recipe
+
+from conftest import TINY, reference_deltas, tiny_recipe
 
 D_OUT, D_IN, RANK = 40, 28, 4
 RTOL = 1e-4  # docs/methods.md: singular values below 1e-4 of the largest are dropped (spectra and polar factors)
@@ -219,3 +226,20 @@ def test_orthogonal_adapters(case: tuple[str, dict]) -> None:
     assert rel(got, want) < 1e-5
     for seed in (7, 8):  # nearly orthogonal: 1e-6 apart from the pair above
         assert rel(merged(name, [jittered(one, seed), extra_rank(two, seed)], weights, **params), got) < MOVED, seed
+
+
+# --- a whole run: the same adapter listed twice -------------------------------------------
+
+
+@pytest.mark.parametrize("method,scale", [("tsv", 0.5), ("knots", 0.5), ("iso_c", None)])
+def test_the_same_adapter_twice_in_a_recipe(tmp_path: Path, method: str, scale: float | None) -> None:
+    """examples/tiny's math adapter listed twice (weights 0.5 and 0.5): TSV and KnOTS give their mean,
+    0.5 * delta, Iso-C the flattened delta, module by module; and as many modules as the adapter has."""
+    recipe = tiny_recipe(method, (0.5, 0.5))
+    recipe["adapters"][1]["path"] = recipe["adapters"][0]["path"]
+    merge_recipe(Recipe.from_dict(recipe, tmp_path), tmp_path / "out", RunOptions(progress=False))
+    got, math = reference_deltas(tmp_path / "out"), reference_deltas(TINY / "adapters" / "math")
+    assert set(got) == set(math)
+    for path, delta in math.items():
+        want = scale * delta if scale is not None else plain_iso(delta)
+        assert rel(got[path], want) < 1e-5, path
