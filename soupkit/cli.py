@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -65,6 +67,20 @@ def keep_freed_memory() -> None:
     mallopt(m_trim_threshold, (1 << 31) - 1)  # and the heap keeps up to 2 GiB free at its top
 
 
+def base_mismatch_option(command: Callable[..., None]) -> Callable[..., None]:
+    """Add ``--allow-base-mismatch`` to a command that opens a recipe's inputs (soupkit.io.base_check)."""
+
+    @functools.wraps(command)
+    def run(*args: object, allow_base_mismatch: bool, **kwargs: object) -> None:
+        from soupkit.io.base_check import allowing_base_mismatch
+
+        with allowing_base_mismatch(allow_base_mismatch):
+            command(*args, **kwargs)
+
+    help_text = "Merge adapters whose own base's config differs from the recipe's base (a warning instead of an error)."
+    return click.option("--allow-base-mismatch", is_flag=True, help=help_text)(run)
+
+
 class SoupkitGroup(click.Group):
     """Prints user errors as one line on stderr and exits 2, without a traceback.
 
@@ -110,6 +126,7 @@ def main() -> None:
         "soupkit merge recipes/cat.yaml -o out/cat", "soupkit merge recipes/full_model.yaml -o out/full --shard-size 2GB"
     )
 )
+@base_mismatch_option
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output directory (default: ./<recipe name>-merged).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the maths runs.")
@@ -175,6 +192,7 @@ class RecipeFieldsCommand(click.Command):
 
 
 @main.command(cls=RecipeFieldsCommand, epilog=examples("soupkit validate recipes/cat.yaml"))
+@base_mismatch_option
 @click.argument("recipe", type=click.Path(path_type=Path))
 def validate(recipe: Path) -> None:
     """Check RECIPE: schema, method parameters, and that its inputs exist and fit together."""
@@ -190,6 +208,7 @@ def validate(recipe: Path) -> None:
 
 
 @main.command(epilog=examples("soupkit plan recipes/ties.yaml"))
+@base_mismatch_option
 @click.argument("recipe", type=click.Path(path_type=Path))
 def plan(recipe: Path) -> None:
     """Show what RECIPE will read per layer, output ranks, bytes and peak memory (headers only)."""
@@ -206,6 +225,7 @@ def plan(recipe: Path) -> None:
 
 
 @main.command(epilog=examples("soupkit analyze recipes/ties.yaml -o out/ties-analysis"))
+@base_mismatch_option
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output directory (default: ./<recipe name>-analysis).")
 @click.option("--dense", is_flag=True, help="Also form the dense deltas for TIES' sign-conflict fraction (slower).")
@@ -258,6 +278,7 @@ def inspect(adapter: Path) -> None:
         "accelerate launch --config_file examples/fsdp/accelerate_fsdp2.yaml -m soupkit fit-alpha recipes/cat.yaml --data calib.jsonl",
     ),
 )
+@base_mismatch_option
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option(
     "--data",

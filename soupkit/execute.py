@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from soupkit.errors import SoupkitError
-from soupkit.io.adapter import BASE_LAYER, PREFIX, LoraAdapter, check_same_base
+from soupkit.io.adapter import BASE_LAYER, PREFIX, LoraAdapter
+from soupkit.io.base_check import check_adapters_base
 from soupkit.io.base_model import BaseModelInfo
 from soupkit.io.experts import OUTPUT_PEFT_VERSION, ParamSlot, attach_param_targets, param_structure
 from soupkit.io.output_guard import OutputTarget, check_apart
@@ -61,8 +62,8 @@ def open_inputs(recipe: Recipe) -> Inputs:
         LoraAdapter(spec.name, resolve_reference(spec.path, recipe.root, f"adapters[{i}].path"))
         for i, spec in enumerate(recipe.adapters)
     ]
-    check_same_base(adapters)
     base = BaseModelInfo(base_dir)
+    check_adapters_base(adapters, base, recipe.base_model)
     if any(a.param_wrappers for a in adapters):
         structure = param_structure(base)
         for adapter in adapters:

@@ -176,11 +176,13 @@ def base_pickle_only(base: Path) -> None:
 
 
 def different_bases(d: Path) -> list[str]:
+    """'math' names a base whose config has another layer count (a differing name alone is only a warning)."""
     recipe = with_math(d)
-    code = adapter_copy(d, "code")
-    recipe["adapters"][1]["path"] = str(code)
-    edit_config(adapter_copy(d), base_model_name_or_path="meta-llama/Llama-3.1-8B")
-    edit_config(code, base_model_name_or_path="meta-llama/Llama-3.1-8B-Instruct")
+    other = d / "Llama-3.1-8B"
+    other.mkdir()
+    config = json.loads((TINY / "base" / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 32}))
+    edit_config(adapter_copy(d), base_model_name_or_path=str(other))
     return merge_args(d, recipe)
 
 
@@ -255,7 +257,7 @@ def fp16_overflow(d: Path) -> list[str]:
 
 def export_fp16_overflow(d: Path) -> list[str]:
     """A float16 base (max 65504) exported with a weight that overflows it after the cast."""
-    base = d / "base16"
+    base = d / "fp16" / "base"  # named as the adapters name their base: no warning beside the one error line
     shutil.copytree(TINY / "base", base)
     tensors = load_file(base / "model.safetensors")
     save_file({k: v.half() for k, v in tensors.items()}, base / "model.safetensors", metadata={"format": "pt"})
@@ -517,7 +519,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("bias_all", broken_adapter(lambda a: edit_config(a, bias="all")), "bias: 'all'"),
     ("pissa_init", broken_adapter(lambda a: edit_config(a, init_lora_weights="pissa")), "rewrites the base weights"),
     ("not_lora", broken_adapter(lambda a: edit_config(a, peft_type="IA3")), "peft_type LORA"),
-    ("mismatched_base_models", different_bases, "adapters trained on one base model"),
+    ("mismatched_base_models", different_bases, "whose config differs: num_hidden_layers 32"),
     # base model
     ("base_config_bad_json", broken_base(lambda b: (b / "config.json").write_text("{")), "valid JSON"),
     ("base_pickle_only", broken_base(base_pickle_only), "no safetensors weights"),

@@ -13,7 +13,6 @@ from safetensors import SafetensorError
 
 from soupkit.errors import AdapterError, UnsupportedAdapterError
 from soupkit.io.adapter_config import FLOAT_TAGS, check_config_types, pattern_value, peft_targets, refuse_features, shown_targets
-from soupkit.io.resolve import hub_pin, parse_hub_id
 from soupkit.io.tensor_index import TensorIndex
 from soupkit.ops import LoraFactors, all_finite
 
@@ -317,44 +316,6 @@ class LoraAdapter:
                 "re-download or re-save the file",
             ) from None
 
-    def base_model_name(self) -> str | None:
-        """The last component of ``base_model_name_or_path`` (hub repo name or directory name), lower-cased.
-
-        A local directory is resolved against the adapter directory (as soupkit's fixtures write it)
-        and then the current directory (as PEFT reads it); a hub-cache snapshot maps to its repo name.
-        """
-        ref = self.config.get("base_model_name_or_path")
-        if not ref or not isinstance(ref, str):
-            return None
-        for candidate in (self.directory / ref, Path(ref)):
-            if candidate.is_dir():
-                resolved = candidate.resolve()
-                pin = hub_pin(resolved)
-                return (pin.split("@")[0] if pin else resolved.name).rsplit("/", 1)[-1].lower()
-        hub = parse_hub_id(ref)
-        name = hub[0] if hub else ref.rstrip("/\\")
-        return name.replace("\\", "/").rsplit("/", 1)[-1].lower() or None
-
     def files(self) -> list[Path]:
         """Every file of the adapter that the merge reads."""
         return [self.directory / "adapter_config.json", *self.index.files]
-
-
-def check_same_base(adapters: list[LoraAdapter]) -> None:
-    """Refuse adapters whose ``base_model_name_or_path`` name different models.
-
-    Shapes are checked against the base separately; this catches what shapes cannot, e.g. a
-    ``Llama-3-8B`` adapter next to a ``Llama-3-8B-Instruct`` one (same shapes, different weights).
-    Adapters that do not name a base are not compared.
-    """
-    named = [(a, a.base_model_name()) for a in adapters]
-    named = [(a, n) for a, n in named if n]
-    for adapter, name in named[1:]:
-        first, first_name = named[0]
-        if name != first_name:
-            raise AdapterError(
-                f"adapters '{first.name}' and '{adapter.name}'",
-                "adapters trained on one base model",
-                f"base_model_name_or_path {first.config['base_model_name_or_path']!r} and {adapter.config['base_model_name_or_path']!r}",
-                "merge adapters of one base; if both name the same model, make base_model_name_or_path agree in adapter_config.json",
-            )
