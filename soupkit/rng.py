@@ -26,8 +26,11 @@ RNG_NAME = "counter-hash-v1"  # recorded in lock files; bump when the draws chan
 
 MASK32 = 0xFFFFFFFF
 LOWBIAS32 = ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None))  # (xorshift, then multiplier) steps
-# Elements per pass: int64 work buffers of 512 KB stay in a CPU's L2; a GPU wants long kernels.
-CHUNK = {"cpu": 1 << 16, "other": 1 << 26}
+# Elements per pass: a GPU wants long kernels. On a CPU, one pass is torch's grain (32768 elements,
+# int64 buffers of 256 KB, in L2), which torch runs on one thread at any thread count: the ~25 short
+# integer passes per chunk are too small to share, and threads that wait for each other at every pass
+# made a 14336 x 4096 draw take 60-110 s instead of 3 s on the shared 2-core box (load average 20).
+CHUNK = {"cpu": 1 << 15, "other": 1 << 26}
 
 
 def stream_key(*parts: object) -> tuple[int, int]:
@@ -74,18 +77,9 @@ def counter_uniform(shape: torch.Size | tuple[int, ...], key: tuple[int, int], d
     out = torch.empty(shape, dtype=torch.float32, device=device)
     flat = out.view(-1)
     step = CHUNK["cpu" if device.type == "cpu" else "other"]
-    # On the CPU, one thread: the ~25 short integer passes per chunk are too small to share, and on a
-    # busy machine threads that wait for each other at every pass made a 14336 x 4096 draw take 60-110 s
-    # instead of 3 s (measured on the shared 2-core box, load average 20).
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        for start in range(0, flat.numel(), step):
-            n = min(step, flat.numel() - start)
-            words = hash_words(start, n, key, device)
-            # top 24 bits -> float32 exactly (< 2**24), times 2**-24 exactly: no rounding anywhere
-            torch.mul(words.bitwise_right_shift_(8), 2.0**-24, out=flat[start : start + n])
-    finally:
-        torch.set_num_threads(threads)
+    for start in range(0, flat.numel(), step):
+        n = min(step, flat.numel() - start)
+        words = hash_words(start, n, key, device)
+        # top 24 bits -> float32 exactly (< 2**24), times 2**-24 exactly: no rounding anywhere
+        torch.mul(words.bitwise_right_shift_(8), 2.0**-24, out=flat[start : start + n])
     return out

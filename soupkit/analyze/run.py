@@ -20,7 +20,6 @@ from soupkit.analyze.stats import Grams, factor_bases, gram_rank, sign_conflict,
 from soupkit.execute import Inputs, load_sources, plan_recipe, source_names
 from soupkit.io.progress import progress
 from soupkit.methods import LoraFactors
-from soupkit.ops import single_thread
 from soupkit.plan import ModulePlan
 from soupkit.recipe.schema import Recipe
 
@@ -111,9 +110,8 @@ def summarise(label: str | int, records: list[dict], names: list[str]) -> dict:
 def analyze_recipe(recipe: Recipe, dense: bool = False, base_norms: bool = True) -> dict:
     """Statistics of every planned module with at least one adapter, layer by layer (memory: one
     module's factors, plus its dense deltas with ``dense``, plus one base weight with ``base_norms``)."""
-    # Small tensors and r x r LAPACK calls: one thread is much faster on a busy CPU (ops.single_thread).
-    with single_thread():
-        return _analyze(recipe, dense, base_norms)
+    # torch's default threads; its r x r LAPACK calls run on one (ops.svd, ops.eigh: small matrices)
+    return _analyze(recipe, dense, base_norms)
 
 
 def _analyze(recipe: Recipe, dense: bool, base_norms: bool) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from soupkit.ops import top_fraction_threshold
+from soupkit.ops import eigh, small_lapack, svd, top_fraction_threshold
 
 RANK_RTOL = 1e-6  # singular values below this fraction of the largest count as zero (as TSV's ranks, docs/methods.md)
 
@@ -67,7 +67,7 @@ class Bases:
 
 def _gram_eig(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvectors W (r, k) and singular values s (k,) of M from G = M^T M; exact zeros dropped."""
-    evals, evecs = torch.linalg.eigh(G)
+    evals, evecs = eigh(G)
     keep = evals > max(float(evals.max()), 0.0) * 1e-24 if evals.numel() else evals > 0
     keep &= evals > 0
     return evecs[:, keep], evals[keep].sqrt()
@@ -83,7 +83,7 @@ def factor_bases(grams: Grams, i: int) -> Bases:
     if core.numel() == 0:
         empty = grams.G_B.new_zeros(grams.offsets[i + 1] - grams.offsets[i], 0)
         return Bases(empty, empty)
-    U_c, S, Vh_c = torch.linalg.svd(core, full_matrices=False)
+    U_c, S, Vh_c = svd(core)
     keep = S > S[0] * RANK_RTOL
     return Bases((W_b / s_b[None, :]) @ U_c[:, keep], (W_a / s_a[None, :]) @ Vh_c[keep].T)
 
@@ -95,7 +95,8 @@ def overlap(cross: torch.Tensor) -> tuple[float, float]:
     k = min(cross.shape)
     if k == 0:
         return float("nan"), float("nan")
-    cosines = torch.linalg.svdvals(cross).clamp(max=1.0)
+    with small_lapack(cross):
+        cosines = torch.linalg.svdvals(cross).clamp(max=1.0)
     return float(cosines.square().sum()) / k, float(cosines[0])
 
 

@@ -15,14 +15,14 @@ folding w_i in, and global thresholds stay per adapter, independent of per-modul
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from soupkit.methods.base import LoraFactors, MergeResult
-from soupkit.ops import energy_fraction, single_thread, svd
+from soupkit.ops import energy_fraction, small_lapack, svd
 
 # Rank-revealing tolerance of the spectral rules (tsv, iso_c, knots, core matrices): a singular value (or a
 # direction's norm) below this fraction of the largest is dropped, not amplified. 100x above the 1e-6 input
@@ -38,10 +38,12 @@ SPACE_DOC = (
 
 
 def small_maths(like: torch.Tensor) -> AbstractContextManager[None]:
-    """One CPU thread for the thin and R x R products of the factor-space rules. Measured on the busy
-    2-core machine: a (9 x 40) @ (40 x 3) float64 product takes 45 ms with 2 threads, 0.02 ms with one;
-    the tall products of a Llama-8B module cost a few ms on one thread. No effect on GPU."""
-    return single_thread() if like.device.type == "cpu" else nullcontext()
+    """One CPU thread for a factor-space rule on a small module (every dimension of ``like`` <=
+    ``ops.linalg.SMALL_MATRIX``: tiny models, where thread start-up dominates; measured on the busy 2-core
+    machine, a (9 x 40) @ (40 x 3) float64 product takes 45 ms with 2 threads, 0.02 ms with one). A real
+    module keeps torch's default threads for its thin products; its R x R LAPACK calls still run on one
+    (``ops.svd``, ``ops.eigh``). No effect on GPU."""
+    return small_lapack(like)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Shapes follow PEFT: ``A`` is (r, d_in), ``B`` is (d_out, r), and a module's upda
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +33,17 @@ class LoraFactors:
         return int(self.A.shape[0])
 
 
+# LAPACK on a CPU matrix with at most this many rows and columns runs on one thread: the R x R core
+# maths (R = summed input ranks). Larger ones keep torch's default thread count, which a many-core
+# server needs. Figures: benchmarks/bench_threads.py, docs/benchmarks.md (Threads).
+SMALL_MATRIX = 512
+
+
 @contextmanager
 def single_thread() -> Iterator[None]:
-    """Run LAPACK on one CPU thread. Measured on a busy 2-core machine: eigh of an 80 x 80 matrix
-    takes 140 ms with 2 threads and 1 ms with one, a 2048 x 2048 one 34 s vs 7.5 s (the threads spin
-    against each other); matrix products keep every thread."""
+    """Run the block on one CPU thread, then restore the count. Measured on the shared 2-core machine
+    (load average 22, benchmarks/bench_threads.py): eigh of a 128 x 128 matrix takes 321 ms with 2
+    threads and 14 ms with one, a 512 x 512 one 5.3 s vs 0.64 s (the threads wait for each other)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -46,19 +52,21 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def small_lapack(M: torch.Tensor) -> AbstractContextManager[None]:
+    """One thread for LAPACK on a small CPU matrix (every dimension <= ``SMALL_MATRIX``); else no change."""
+    small = M.device.type == "cpu" and max(M.shape[-2:], default=0) <= SMALL_MATRIX
+    return single_thread() if small else nullcontext()
+
+
 def eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh`` (ascending), single-threaded on CPU (see ``single_thread``)."""
-    if G.device.type != "cpu":
-        return torch.linalg.eigh(G)
-    with single_thread():
+    """``torch.linalg.eigh`` (ascending); one CPU thread for a small matrix (see ``small_lapack``)."""
+    with small_lapack(G):
         return torch.linalg.eigh(G)
 
 
 def svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin ``torch.linalg.svd``, single-threaded on CPU (see ``single_thread``)."""
-    if M.device.type != "cpu":
-        return torch.linalg.svd(M, full_matrices=False)
-    with single_thread():
+    """Thin ``torch.linalg.svd``; one CPU thread for a small matrix (see ``small_lapack``)."""
+    with small_lapack(M):
         return torch.linalg.svd(M, full_matrices=False)
 
 
