@@ -105,7 +105,10 @@ def _hub_records(name: str, where: str) -> list[dict]:
         import datasets
     except ImportError:
         raise SoupkitError(
-            where, "an existing .jsonl file", f"'{name}' (no such file; `datasets` is not installed)", "check the path"
+            where,
+            "an existing .jsonl file",
+            f"'{name}' (no such file; `datasets` is not installed)",
+            'check the path, or pip install "soupkit[hub-data]" to load a Hugging Face dataset by name',
         ) from None
     dataset, _, split = name.partition(":")
     try:
