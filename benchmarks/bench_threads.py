@@ -7,7 +7,7 @@ LAPACK calls on small matrices, ``ops.linalg.SMALL_MATRIX``, drop to one thread)
 forced for the whole process (``OMP_NUM_THREADS=1``):
 
 1. LAPACK: ``torch.linalg.eigh`` and thin ``torch.linalg.svd`` of n x n float64 matrices (the R x R
-   core maths is n <= a few hundred), median of 5 calls, each thread count set with
+   core maths is n <= a few hundred), median of 3 calls, each thread count set with
    ``torch.set_num_threads``; this is what ``SMALL_MATRIX`` is chosen from.
 2. Whole merges: one ``soupkit merge`` process per row (start-up, reading, merging, writing) of two
    rank-32 bf16 adapters on all 7 linear modules of the ``--shape`` model (default the Llama-1B shape,
@@ -35,7 +35,7 @@ SIZES = (32, 64, 128, 256, 512, 1024, 2048)
 
 
 def lapack_ms(op: str, n: int, threads: int) -> float:
-    """Median ms of 5 calls of ``op`` (eigh or svd) on an n x n float64 matrix with ``threads`` threads."""
+    """Median ms of 3 calls of ``op`` (eigh or svd) on an n x n float64 matrix with ``threads`` threads."""
     import torch
 
     gen = torch.Generator().manual_seed(n)
@@ -45,7 +45,7 @@ def lapack_ms(op: str, n: int, threads: int) -> float:
     torch.set_num_threads(threads)
     try:
         times = []
-        for _ in range(5):
+        for _ in range(3):
             start = time.perf_counter()
             torch.linalg.eigh(M) if op == "eigh" else torch.linalg.svd(M, full_matrices=False)
             times.append((time.perf_counter() - start) * 1000)
@@ -54,11 +54,11 @@ def lapack_ms(op: str, n: int, threads: int) -> float:
     return statistics.median(times)
 
 
-def lapack_table(default_threads: int) -> None:
+def lapack_table(default_threads: int, sizes: list[int]) -> None:
     print(f"\n| op | n | {default_threads} threads (default) | 1 thread |")
     print("|---|---|---|---|")
     for op in ("eigh", "svd"):
-        for n in SIZES:
+        for n in sizes:
             many, one = lapack_ms(op, n, default_threads), lapack_ms(op, n, 1)
             print(f"| {op} | {n} | {many:.2f} ms | {one:.2f} ms |", flush=True)
 
@@ -97,12 +97,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "soupkit-bench")
     parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
     parser.add_argument("--methods", nargs="*", default=list(MERGES), choices=list(MERGES))
-    parser.add_argument("--no-lapack", action="store_true", help="skip the LAPACK table")
+    parser.add_argument("--sizes", nargs="*", type=int, default=list(SIZES), help="LAPACK matrix sizes (none: no table)")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     print(f"machine: {machine()}; torch default threads {torch.get_num_threads()}; load average {load:.1f}")
-    if not args.no_lapack:
-        lapack_table(torch.get_num_threads())
+    if args.sizes:
+        lapack_table(torch.get_num_threads(), args.sizes)
     if args.methods:
         merge_table(args.root, args.shape, args.methods)
 
