@@ -722,11 +722,14 @@ def test_progress_only_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert result.stderr.endswith("\r\x1b[Kerror: adapter 'math': expected readable tensors, found an injected failure mid-run\n")
 
 
-def test_analyze_shows_progress_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_analyze_shows_progress_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from soupkit.analyze.run import analyze_recipe
+    from soupkit.recipe.schema import Recipe
+
     monkeypatch.setattr("soupkit.io.progress.on_terminal", lambda: True)
-    path = recipe_file(tmp_path, tiny_recipe("cat"))
-    result = CliRunner().invoke(main, ["analyze", str(path), "-o", str(tmp_path / "a"), "--no-base"])
-    assert result.exit_code == 0 and "analyze: " in result.stderr and "layer" in result.stderr, result.stderr
+    analyze_recipe(Recipe.from_dict(tiny_recipe("cat")), base_norms=False)
+    err = capsys.readouterr().err
+    assert "analyze: " in err and "layer" in err, err
 
 
 def test_fit_micro_batch_that_cannot_fit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -760,8 +763,8 @@ def test_fit_doubtful_options_warn_and_never_repeat_examples(tmp_path: Path) -> 
     data = str(TINY / "calib.jsonl")
     args = fit_case()(tmp_path)
     args[args.index("--data") + 1] = data
-    args += ["--eval-data", data, "--batch-size", "100000", "--steps", "1"]
-    run_warned(tmp_path, args, "--eval-data is --data", "--batch-size 100000: only 32 training examples")
+    args += ["--eval-data", data, "--batch-size", "1000", "--steps", "1"]
+    run_warned(tmp_path, args, "--eval-data is --data", "--batch-size 1000: only 32 training examples")
     report = json.loads((tmp_path / "out-report" / "fit_report.json").read_text())
     assert report["options"]["batch_size"] == 32 and report["options"]["steps"] == 1
 
