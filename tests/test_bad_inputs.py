@@ -373,6 +373,16 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("density_nan", method_case("ties", density=float("nan")), "merge.density: expected a finite number"),
     ("della_epsilon_inf", method_case("della", epsilon=float("inf")), "merge.epsilon: expected a finite number"),
     (
+        "della_epsilon_too_wide_says_so",
+        method_case("della", density=0.1, epsilon=0.2),
+        "merge.epsilon: expected at most min(density, 1 - density) = 0.1 (keep probabilities in [0, 1]), found 0.2",
+    ),
+    (
+        "breadcrumbs_gamma_plus_density",
+        method_case("breadcrumbs", density=0.8, gamma=0.5),
+        "merge.gamma: expected gamma + density <= 1 (the outliers dropped and the entries kept do not overlap), found 0.5 + 0.8",
+    ),
+    (
         "weight_yes_is_not_1",
         recipe_case(lambda r: r["adapters"][0].update(weight=True)),
         "adapters[0].weight: expected a number or a list, found True",

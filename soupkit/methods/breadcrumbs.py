@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from soupkit.methods._dense import SCOPE_DOC, DenseMethod, DenseParams, Density, Scope, module_threshold
 from soupkit.methods.base import MergeContext
@@ -25,7 +26,16 @@ class BreadcrumbsParams(DenseParams):
     @model_validator(mode="after")
     def _fits(self) -> BreadcrumbsParams:
         if self.gamma + self.density > 1.0 + 1e-12:
-            raise ValueError(f"gamma + density = {self.gamma + self.density:g} must be <= 1")
+            raise PydanticCustomError(  # read by recipe.messages (type "recipe_rule"): one line, the field named
+                "recipe_rule",
+                "{found}",
+                {
+                    "expected": "gamma + density <= 1 (the outliers dropped and the entries kept do not overlap)",
+                    "found": f"{self.gamma:g} + {self.density:g} = {self.gamma + self.density:g}",
+                    "fix": "lower merge.gamma or merge.density",
+                    "at": "merge.gamma",
+                },
+            )
         return self
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from soupkit.methods import seeds
 from soupkit.methods._dense import NORMALIZE_DOC, SIGN_DOC, DenseMethod, DenseParams, Density, Normalize, SignRule, uniform_for
@@ -28,9 +29,16 @@ class DellaParams(DenseParams):
     @model_validator(mode="after")
     def _probabilities_in_range(self) -> DellaParams:
         if self.epsilon > min(self.density, 1.0 - self.density) + 1e-12:
-            raise ValueError(
-                f"epsilon {self.epsilon} must be <= min(density, 1 - density) = {min(self.density, 1 - self.density):g}, "
-                "so that every keep probability lies in [0, 1]"
+            limit = min(self.density, 1 - self.density)
+            raise PydanticCustomError(  # read by recipe.messages (type "recipe_rule"): one line, the field named
+                "recipe_rule",
+                "{found}",
+                {
+                    "expected": f"at most min(density, 1 - density) = {limit:g} (keep probabilities in [0, 1])",
+                    "found": f"{self.epsilon:g}",
+                    "fix": f"set merge.epsilon <= {limit:g}",
+                    "at": "merge.epsilon",
+                },
             )
         return self
 
