@@ -239,3 +239,20 @@ def test_gpt2_conv1d_dora_fan_in_fan_out(tmp_path: Path) -> None:
     merge_recipe(Recipe.from_dict(spec, tmp_path), tmp_path / "out", QUIET)
     assert relative(logits(load(base)), want) > 1e-2
     assert relative(logits(load(tmp_path / "out")), want) < 1e-5
+
+
+def test_fit_alpha_and_eval_refuse_dora_instead_of_reading_b_a(tmp_path: Path, doras: dict) -> None:
+    """fit-alpha and eval apply W + sum alpha_i B_i A_i: a DoRA adapter would silently be another update."""
+    from soupkit.eval.target import load_target
+    from soupkit.fit.model import fit_targets
+
+    spec = {
+        "base_model": str(TINY / "base"),
+        "adapters": [{"name": "a", "path": str(doras["a"]), "weight": 1.0}],
+        "merge": {"method": "cat"},
+        "dtype": "float32",
+    }
+    with pytest.raises(SoupkitError, match="DoRA adapter"):
+        fit_targets(Recipe.from_dict({**spec, "adapters": [{**spec["adapters"][0], "path": str(doras["b"])}]}, tmp_path))
+    with pytest.raises(SoupkitError, match="DoRA"):
+        load_target(doras["a"], torch.device("cpu"), TINY / "base")

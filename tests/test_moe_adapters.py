@@ -315,3 +315,12 @@ def test_serving_vllm_refuses_a_target_parameters_adapter(tmp_path: Path, moe: d
     with pytest.raises(SoupkitError, match="--serving vllm.*target_parameters"):
         merge_recipe(Recipe.from_dict(spec, tmp_path), tmp_path / "out", RunOptions(progress=False, serving="vllm"))
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_an_expert_adapter_is_refused_not_dropped(moe: dict) -> None:
+    """eval applies Linear/Embedding LoRAs in memory: expert tensors must stop it, not vanish from the model."""
+    from soupkit.eval.target import load_target
+
+    base, adapters = moe["qwen3_moe_experts"]
+    with pytest.raises(SoupkitError, match="targeted-parameter"):
+        load_target(adapters["a"], torch.device("cpu"), base)

@@ -127,11 +127,11 @@ def load_target(target: Path, device: torch.device, base: Path | None = None) ->
         return scorer.scoring, "recipe"
     if (target / "adapter_config.json").is_file():
         adapter = LoraAdapter("target", target)
-        if adapter.saved or adapter.biases or any(spec.kind == "param" for spec in adapter.modules.values()):
+        if adapter.saved or adapter.biases or adapter.param_wrappers or adapter.magnitudes:
             raise SoupkitError(
                 str(target),
                 "a LoRA adapter of Linear and Embedding modules (what eval applies in memory)",
-                "modules_to_save, lora_bias or targeted-parameter (MoE expert) tensors",
+                "modules_to_save, lora_bias, DoRA or targeted-parameter (MoE expert) tensors",
                 "merge it into a full model (soupkit merge with output: model) and eval that folder",
             )
         scoring = load_scoring_model(adapter_base(target, base), device)

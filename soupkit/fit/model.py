@@ -224,11 +224,22 @@ def fit_targets(recipe: Recipe) -> tuple[list[TargetModule], torch.Tensor, Any]:
         )
     plan, inputs = plan_recipe(recipe)
     if plan.fan_in_fan_out or any(m.kind != "linear" for m in plan.modules if m.sources):
+        kinds = {m.kind for m in plan.modules if m.sources} - {"linear"}
         raise SoupkitError(
             "adapters",
             "LoRA on nn.Linear modules",
-            "embedding or Conv1D (fan_in_fan_out) LoRA",
+            "LoRA on targeted parameters (MoE experts, target_parameters)"
+            if "param" in kinds
+            else "embedding or Conv1D (fan_in_fan_out) LoRA",
             "fit-alpha supports Linear targets only",
+        )
+    dora = [a.name for a in inputs.adapters if a.magnitudes]
+    if dora:  # the fitted model is W + sum_i alpha_i B_i A_i: a DoRA update is not B A
+        raise SoupkitError(
+            "adapters",
+            "plain LoRA updates (fit-alpha models W + sum_i alpha_i B_i A_i)",
+            f"DoRA adapter(s) {', '.join(dora)}",
+            "merge DoRA adapters with soupkit merge (their task vectors merge exactly there)",
         )
     if plan.saved or plan.biased:  # the fitted model would leave them out: its weights would not fit the merge
         found = f"modules_to_save {plan.saved[0].name}" if plan.saved else f"lora_bias on {plan.biased[0]}"
