@@ -97,7 +97,7 @@ class DenseMethod(MergeMethod):
 
     def check_weights(self, params: MethodParams, weights: list[float]) -> str | None:
         if getattr(params, "normalize", "count") == "weights" and any(w < 0 for w in weights):
-            return f"normalize: weights divides by a sum of weights, and a weight is negative ({min(weights):g})"
+            return f"a negative weight, {min(weights):g}"
         return None
 
     def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:

@@ -199,7 +199,12 @@ def _check_weights(recipe: Recipe, method: MergeMethod, label: str) -> None:
         written.extend(weight if isinstance(weight, list) else [weight])
     reason = method.check_weights(recipe.merge.params, written)
     if reason:
-        raise RecipeError(f"{label}: merge.normalize", "weights >= 0 with normalize: weights", reason, "use normalize: count")
+        raise RecipeError(
+            f"{label}: merge.normalize",
+            "every weight >= 0 (normalize: weights divides by the sum of the agreeing adapters' weights)",
+            reason,
+            "make the weights >= 0, or use normalize: count",
+        )
 
 
 def _check_space(merge: MergeSpec, method: str, params_model: type[BaseModel], label: str) -> None:
