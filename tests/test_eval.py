@@ -185,3 +185,17 @@ def test_cached_factors_and_fused_cat_merge_as_from_the_files() -> None:
     for path, u in fused.items():
         got = (u.B.double() * u.rank_scale.double()) @ u.A.double()
         torch.testing.assert_close(got, deltas[path], rtol=1e-5, atol=1e-7)
+
+
+def test_linear_without_a_rank_cut_is_scored_as_the_weighted_sum() -> None:
+    from soupkit.eval.target import RecipeScorer, is_weighted_sum
+    from soupkit.recipe import Recipe
+
+    scorer = RecipeScorer(Recipe.from_dict(tiny_recipe("cat")), torch.device("cpu"), fused=True)
+    exact, cut = Recipe.from_dict(tiny_recipe("linear", (0.7, 0.4))), Recipe.from_dict(tiny_recipe("linear", rank=2))
+    assert is_weighted_sum(exact, scorer.merger.plan(exact)) and not is_weighted_sum(cut, scorer.merger.plan(cut))
+    deltas = weighted_sum([reference_deltas(TINY / "adapters" / n) for n in ("math", "code")], [0.7, 0.4])
+    for path, u in scorer.merged_updates(exact).items():
+        assert u.rank_scale is not None
+        torch.testing.assert_close((u.B.double() * u.rank_scale.double()) @ u.A.double(), deltas[path], rtol=1e-5, atol=1e-7)
+    assert all(u.rank_scale is None and u.A.shape[0] == 2 for u in scorer.merged_updates(cut).values())

@@ -62,14 +62,22 @@ class InMemoryMerger:
                 yield module, factors
 
 
+def is_weighted_sum(recipe: Recipe, plan: Plan) -> bool:
+    """The merge is exactly sum_i w_i B_i A_i in every module: cat, or linear with no rank cut (rank sum r_i)."""
+    if recipe.merge.method == "cat":
+        return True
+    return recipe.merge.method == "linear" and all(m.rank == sum(s.rank for s in m.sources) for m in plan.modules if m.sources)
+
+
 class RecipeScorer:
     """A recipe's base loaded once; any recipe over the same base and adapters is merged into it in memory.
 
     The merged factors are rounded to the recipe's ``dtype`` first, exactly as ``soupkit merge``
-    writes them, so a recipe scores as the adapter it would write. ``cat`` (with ``fused``) skips the
-    merge: each module keeps its concatenated factors and a trial only sets the per-rank weights,
-    sum_i w_i B_i A_i x computed as B_cat ((A_cat x) * w_rank), equal to the written adapter up to
-    the rounding of w_i B_i to the recipe's dtype.
+    writes them, so a recipe scores as the adapter it would write. A weighted sum (``cat``, or
+    ``linear`` without a rank cut; with ``fused``) skips the merge: each module keeps its
+    concatenated factors and a trial only sets the per-rank weights, sum_i w_i B_i A_i x computed as
+    B_cat ((A_cat x) * w_rank): the written adapter's update in exact arithmetic, equal to it up to
+    the rounding of its factors to the recipe's dtype.
     """
 
     def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype | None = None, fused: bool = False) -> None:
@@ -80,7 +88,7 @@ class RecipeScorer:
 
     def merged_updates(self, recipe: Recipe) -> dict[str, LowRankUpdate]:
         """Every planned module's merged factors, as updates on this model (nothing is written)."""
-        if self.fused and recipe.merge.method == "cat":
+        if self.fused and is_weighted_sum(recipe, self.merger.plan(recipe)):
             return self._fused_cat(recipe)
         stored = TORCH_DTYPE[recipe.dtype]
         return {m.path: self.scoring.update(f.A.to(stored), f.B.to(stored)) for m, f in self.merger.merged(recipe)}
