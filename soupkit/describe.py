@@ -95,12 +95,27 @@ def describe_plan(recipe: Recipe, plan: Plan) -> str:
             f"targets {', '.join(plan.target_modules)}"
         ),
     ]
+    if plan.target_parameters:
+        lines[0] += f"; target_parameters {', '.join(plan.target_parameters)}"
     rows: list[Sequence[object]] = [("module", "shape", "merged rank", "written r", "sources (rank, weight)")]
     for layer in plan.layers:
         rows.append((f"layer {layer.index}:" if layer.index is not None else "outside layers:",))
+        experts: dict[tuple, list[int]] = {}  # the experts of a parameter alike in all but their index share a row
         for m in layer.modules:
             srcs = ", ".join(f"{names[s.adapter]}(r={s.rank}, w={s.weight:g})" for s in m.sources) or "none (zeros)"
-            rows.append((f"  {m.path}", f"{m.d_out}x{m.d_in}", m.rank, plan.rank, srcs))
+            row = (f"  {m.path}", f"{m.d_out}x{m.d_in}", m.rank, plan.rank, srcs)
+            if m.param is None or m.param.expert is None:
+                rows.append(row)
+                continue
+            key = (f"  {m.param.param.path}", *row[1:])
+            if key not in experts:
+                experts[key] = []
+                rows.append(key)
+            experts[key].append(m.param.expert)
+        for key, found in experts.items():
+            ids = sorted(found)  # plan order is by path text: 0, 1, 10, 11, ..., 2
+            span = f"{ids[0]}..{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids))
+            rows[rows.index(key)] = (f"{key[0]}.{{{span}}}" if len(ids) > 1 else f"{key[0]}.{ids[0]}", *key[1:])
     lines += format_table(rows, right=(2, 3))
     for saved in plan.saved:
         srcs = ", ".join(f"{names[s.adapter]}(w={s.weight:g})" for s in saved.sources)

@@ -324,3 +324,15 @@ def test_eval_of_an_expert_adapter_is_refused_not_dropped(moe: dict) -> None:
     base, adapters = moe["qwen3_moe_experts"]
     with pytest.raises(SoupkitError, match="targeted-parameter"):
         load_target(adapters["a"], torch.device("cpu"), base)
+
+
+def test_plan_lists_target_parameters_and_one_row_per_parameter(moe: dict) -> None:
+    from soupkit.describe import describe_plan
+    from soupkit.execute import plan_recipe
+
+    base, adapters = moe["mixtral_all_linear"]
+    spec = {"base_model": str(base), "adapters": [{"name": "a", "path": str(adapters["a"])}], "merge": {"method": "cat"}}
+    recipe = Recipe.from_dict(spec, base.parent)
+    text = describe_plan(recipe, plan_recipe(recipe)[0])
+    assert "target_parameters down_proj, gate.weight, gate_up_proj" in text.splitlines()[0]
+    assert "model.layers.1.mlp.experts.gate_up_proj.{0..3}  96x32" in text and ".gate_up_proj.2 " not in text
