@@ -256,3 +256,21 @@ def test_fit_alpha_and_eval_refuse_dora_instead_of_reading_b_a(tmp_path: Path, d
         fit_targets(Recipe.from_dict({**spec, "adapters": [{**spec["adapters"][0], "path": str(doras["b"])}]}, tmp_path))
     with pytest.raises(SoupkitError, match="DoRA"):
         load_target(doras["a"], torch.device("cpu"), TINY / "base")
+
+
+def test_cli_reports_the_energy_kept_on_stderr(tmp_path: Path, doras: dict) -> None:
+    from click.testing import CliRunner
+
+    from soupkit.cli import main
+
+    spec = {
+        "base_model": str(TINY / "base"),
+        "adapters": [{"name": n, "path": str(doras[n]), "weight": w} for n, w in WEIGHTS.items()],
+        "merge": {"method": "cat", "rank": 24, "min_energy": 0.5},
+        "dtype": "float32",
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    kept = yaml.safe_load((tmp_path / "out" / "soupkit.lock.yaml").read_text())["soupkit_lock"]["report"]["energy_kept_min"]
+    assert f"energy kept by the rank-24 truncation: min {kept:.4f}" in result.stderr
