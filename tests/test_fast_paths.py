@@ -4,11 +4,19 @@ methods (``ops.best_rank_k``) against the exact best rank-k truncation computed 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from soupkit.methods import REGISTRY, LoraFactors, MergeContext
 from soupkit.ops import best_rank_k, kth_largest_magnitude
+from soupkit.ops.sparsify import magnitude_order
+
+from conftest import tiny_recipe
 
 DENSE = {
     "ties": {"density": 0.5},
@@ -96,3 +104,32 @@ def test_float64_kth_largest_matches_a_sort() -> None:
     near = int((x > 0.25).sum())  # the ranks around the entries that round alike in float32
     for k in range(near - 2, near + 320, 7):
         assert kth_largest_magnitude(x, k) == float(ordered[k - 1])
+
+
+@pytest.mark.parametrize("method", ["cat", "ties"])
+def test_a_plain_adapter_merge_imports_no_transformers(tmp_path: Path, method: str) -> None:
+    """Start-up: an adapter merge needs torch and safetensors, not transformers, PEFT or matplotlib
+    (about a second of imports; docs/benchmarks.md). A fresh interpreter, as a user's run."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(method, **({"density": 0.5} if method == "ties" else {}))))
+    code = (
+        "import sys\n"
+        "from soupkit.cli import main\n"
+        f"main(['merge', {str(recipe)!r}, '-o', {str(tmp_path / 'out')!r}, '--quiet'], standalone_mode=False)\n"
+        "print('imported:', *[m for m in ('transformers', 'peft', 'matplotlib') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert done.stdout.splitlines()[-1] == "imported:"  # none of the three
+
+
+def test_della_magnitude_order_is_the_stable_argsort() -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 300, generator=g)
+    x[0, :50] = 0.0  # ties: ranked by position
+    x[1, 10:40] = -2.0
+    x[1, 40:60] = 2.0  # equal magnitudes, both signs
+    x[2] = -0.0
+    assert torch.equal(magnitude_order(x), x.abs().argsort(dim=-1, stable=True))
+    assert torch.equal(magnitude_order(x.double()), x.double().abs().argsort(dim=-1, stable=True))
