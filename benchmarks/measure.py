@@ -10,6 +10,7 @@ import sys
 import time
 
 LAST_STDERR = ""  # stderr of the last measured command (children may print extra timings there)
+LAST_CPU = float("nan")  # CPU seconds (user + system) of the last measured command, from GNU time
 
 
 def measure(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> tuple[float, float, int]:
@@ -19,10 +20,10 @@ def measure(cmd: list[str], timeout: float | None = None, env: dict | None = Non
     fork + exec, so measuring a direct child of this (large) Python process would report at least
     this process's own RSS. ``time`` is a small process, and it reports its child's peak.
     """
-    global LAST_STDERR
+    global LAST_STDERR, LAST_CPU
     start = time.perf_counter()
     if os.path.exists("/usr/bin/time"):  # absent on some machines: then RSS is os.wait4's (see above)
-        cmd = ["/usr/bin/time", "-f", "peak-rss-kb %M", *cmd]
+        cmd = ["/usr/bin/time", "-f", "peak-rss-kb %M\ncpu-s %U %S", *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     deadline = None if timeout is None else start + timeout
     while True:
@@ -41,6 +42,8 @@ def measure(cmd: list[str], timeout: float | None = None, env: dict | None = Non
     if proc.returncode != 0:
         print(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}", file=sys.stderr)
     peaks = [line.split()[1] for line in err.splitlines() if line.startswith("peak-rss-kb ")]
+    cpu = [line.split()[1:] for line in err.splitlines() if line.startswith("cpu-s ")]
+    LAST_CPU = float(cpu[-1][0]) + float(cpu[-1][1]) if cpu else float("nan")
     return wall, (int(peaks[-1]) / 1024 if peaks else usage.ru_maxrss / 1024), proc.returncode
 
 

@@ -15,7 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from soupkit.methods._dense import SCOPE_DOC, DenseMethod, DenseParams, Density, Scope, module_threshold
 from soupkit.methods.base import MergeContext
-from soupkit.ops import band_mask, top_fraction_threshold
+from soupkit.ops import band_mask, keep_where, top_fraction_threshold
 
 
 class BreadcrumbsParams(DenseParams):
@@ -55,4 +55,4 @@ class Breadcrumbs(DenseMethod):
         if high is None or low is None:
             high = top_fraction_threshold(mag, params.gamma)
             low = top_fraction_threshold(mag, params.gamma + params.density)
-        return torch.where(band_mask(mag, low, high), delta, torch.zeros_like(delta))
+        return keep_where(band_mask(mag, low, high), delta)
