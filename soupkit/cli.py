@@ -405,7 +405,7 @@ def verify(out: Path) -> None:
     ),
 )
 @click.argument("target", type=click.Path(path_type=Path))
-@click.option("--data", required=True, help="JSON lines: text | prompt+completion | messages, optionally with 'reference'.")
+@click.option("--data", help="JSON lines: text | prompt+completion | messages, optionally with 'reference' (not for lm-eval).")
 @click.option(
     "--metric",
     default="loss",

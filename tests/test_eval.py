@@ -199,3 +199,28 @@ def test_linear_without_a_rank_cut_is_scored_as_the_weighted_sum() -> None:
         assert u.rank_scale is not None
         torch.testing.assert_close((u.B.double() * u.rank_scale.double()) @ u.A.double(), deltas[path], rtol=1e-5, atol=1e-7)
     assert all(u.rank_scale is None and u.A.shape[0] == 2 for u in scorer.merged_updates(cut).values())
+
+
+def test_lm_eval_local_task_scores_the_merged_model(tmp_path: Path) -> None:
+    """With the [eval] extra: a local task file, offline; the score equals lm-eval's own on the model merged by hand."""
+    lm_eval = pytest.importorskip("lm_eval", reason='needs the eval extra: pip install "soupkit[eval]"')
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    rows = [
+        {"question": q, "choices": [q[::-1], q.upper(), q + q], "label": i % 3}
+        for i, q in enumerate(["abc", "hgf", "dab", "ccd"])
+    ]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = tmp_path / "tiny_mc.yaml"
+    task.write_text(
+        "task: soupkit_test_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}} ->"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    recipe = write_recipe(tmp_path, tiny_recipe("cat", (0.7, 0.4)))
+    got = eval_json(str(recipe), "--metric", f"lm-eval:{task}")
+    lm = HFLM(pretrained=merged_base((0.7, 0.4)), tokenizer=AutoTokenizer.from_pretrained(TINY / "base"), batch_size=8)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["soupkit_test_mc"], task_manager=TaskManager(include_path=str(tmp_path)))
+    assert got["n"] == 4 and got["score"] == pytest.approx(out["results"]["soupkit_test_mc"]["acc_norm,none"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from soupkit.errors import SoupkitError
 from soupkit.eval.data import check_metric_fields, read_eval_records
 from soupkit.eval.metrics import parse_metric
 from soupkit.eval.model import pick_device
@@ -24,7 +25,7 @@ def results_text(result: EvalResult, target: Path) -> str:
 
 def run_eval(
     target: Path,
-    data: str,
+    data: str | None,
     metric_spec: str,
     options: EvalOptions,
     device: str = "auto",
@@ -34,13 +35,16 @@ def run_eval(
 ) -> EvalResult:
     """Score ``target`` on ``data``; every user error is raised before the model loads or a file is written."""
     metric = parse_metric(metric_spec)
-    records = read_eval_records(data, "--data") if metric.kind != "lm-eval" else []
+    if data is None and metric.kind != "lm-eval":
+        raise SoupkitError("--data", "a data file for --metric " + metric.spec, "none", "pass --data FILE.jsonl")
+    records = read_eval_records(data, "--data") if data is not None and metric.kind != "lm-eval" else []
     check_metric_fields(records, "--data", metric.kind)
     out_target = None
     if out is not None:
         out_target = resolve_output(out, "--out", "eval-results")
         inputs = [("eval target", target)] if target.is_dir() else []
-        files = [("data file", Path(data)), *([("recipe file", target)] if target.is_file() else [])]
+        files = [("data file", Path(data))] if data is not None else []
+        files += [("recipe file", target)] if target.is_file() else []
         check_apart(out_target, inputs, files)
         check_replaceable(out_target, overwrite)
     scoring, _ = load_target(target, pick_device(device), base)
