@@ -153,3 +153,31 @@ def test_missing_tensor_names_the_key_and_near_names(tmp_path: Path, vlms: dict)
     assert "no tensor model.language_model.layers.7.self_attn.q_proj.weight in the base" in line, line
     assert "keys as transformers loads LlavaForConditionalGeneration" in line, line
     assert "nearest: model.language_model.layers.1.self_attn.q_proj.weight" in line, line
+
+
+# transformers 4.56's class-level renaming rules for these two models (their _checkpoint_conversion_mapping)
+V4_RULES = {
+    "llava": {
+        "^language_model.model": "model.language_model",
+        "^vision_tower": "model.vision_tower",
+        "^multi_modal_projector": "model.multi_modal_projector",
+        "^language_model.lm_head": "lm_head",
+    },
+    "qwen2_vl": {"^visual": "model.visual", r"^model(?!\.(language_model|visual))": "model.language_model"},
+}
+
+
+@pytest.mark.parametrize("kind", list(V4_RULES))
+def test_transformers_4_rules_give_the_same_map(vlms: dict, kind: str) -> None:
+    """The fallback for transformers 4.x (first matching class regex, then the prefix) maps every key as 5.x does."""
+    import json
+
+    from soupkit.io.base_model import BaseModelInfo
+    from soupkit.io.checkpoint_layout import _renamer_v4, meta_model
+
+    directory = vlms[kind]["base"]
+    model = meta_model(directory, json.loads((directory / "config.json").read_text()))
+    model._checkpoint_conversion_mapping = V4_RULES[kind]
+    rename = _renamer_v4(model, set(model.state_dict()))
+    v4 = {rename(key): key for key in checkpoint_keys(directory)}
+    assert v4 == BaseModelInfo(directory).layout().model_to_checkpoint

@@ -59,7 +59,7 @@ def meta_model(directory: Path, config: dict) -> Any:
         hf_config = AutoConfig.from_pretrained(directory)
         with torch.device("meta"):
             return cls(hf_config)
-    except (ValueError, KeyError, TypeError, AttributeError, OSError, ImportError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, ImportError, RuntimeError, NotImplementedError) as err:
         raise ValueError(f"transformers cannot build {name}: {type(err).__name__}: {err}"[:200]) from None
 
 
