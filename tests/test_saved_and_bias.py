@@ -278,3 +278,14 @@ def test_modules_to_save_on_tied_embeddings(tmp_path: Path, saved: str) -> None:
     for output in ("adapter", "model"):
         out = merge(tmp_path, zoo, weights, "cat", output)
         assert close(load_output(zoo, out, output), logits(reference)), output
+
+
+def test_lora_bias_without_a_base_bias_is_refused_for_a_full_model(tmp_path: Path) -> None:
+    """As PEFT's merge_and_unload: no base bias to add the update to; nothing is written."""
+    from conftest import TINY
+
+    adapter = make_lora(TINY / "base", tmp_path / "nb", seed=9, target_modules=["q_proj"], lora_bias=True)
+    zoo = {"base": TINY / "base", "nb": adapter}
+    with pytest.raises(SoupkitError, match="found no bias in the base; write an adapter"):
+        merge(tmp_path, zoo, {"nb": 1.0}, "cat", "model")
+    assert not (tmp_path / "cat-model").exists()
