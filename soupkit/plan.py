@@ -259,7 +259,7 @@ def build_plan(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo,
         peak_bytes=max(m.peak_bytes(dense, rank) for m in modules),
         target_parameters=target_parameters,
     )
-    return with_saved_and_biases(recipe, adapters, base, plan)
+    return with_saved_and_biases(recipe, adapters, base, plan, out_dtype)
 
 
 def saved_modules(adapters: list[LoraAdapter]) -> list[str]:
@@ -267,7 +267,7 @@ def saved_modules(adapters: list[LoraAdapter]) -> list[str]:
     return sorted({name.rsplit(".", 1)[0] for adapter in adapters for name in adapter.saved})
 
 
-def with_saved_and_biases(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo, plan: Plan) -> Plan:
+def with_saved_and_biases(recipe: Recipe, adapters: list[LoraAdapter], base: BaseModelInfo, plan: Plan, out_dtype: str) -> Plan:
     """Add the modules_to_save tensors and the lora_bias modules to ``plan`` (checked against the base)."""
     saved = [_saved_plan(recipe, adapters, base, name) for name in sorted({n for a in adapters for n in a.saved})]
     biased = tuple(m.path for m in plan.modules if any(m.path in adapters[s.adapter].biases for s in m.sources))
@@ -280,15 +280,17 @@ def with_saved_and_biases(recipe: Recipe, adapters: list[LoraAdapter], base: Bas
             "merge the embedding adapter separately",
         )
     entries = tuple(sorted({e for a in adapters if a.saved for e in a.config.get("modules_to_save") or []}))
-    saved_bytes = sum(math.prod(s.shape) * BYTES_F32 for s in saved)
+    full = recipe.output == "model"  # the base's bytes are counted already; saved and bias tensors are folded in
+    base_read = 0 if full else sum(base.index.infos[s.base_key].nbytes for s in saved)
+    out_elements = sum(math.prod(s.shape) for s in saved) + (sum(m.d_out for m in plan.modules) if biased else 0)
     peak = max([plan.peak_bytes] + [(len(s.sources) + 2) * math.prod(s.shape) * BYTES_F32 for s in saved])
     return replace(
         plan,
         saved=tuple(sorted(saved, key=lambda s: s.name)),
         modules_to_save=entries,
         biased=biased,
-        bytes_read=plan.bytes_read + sum(s.nbytes for p in saved for s in p.sources) + saved_bytes,
-        bytes_written=plan.bytes_written + (0 if recipe.output == "model" else saved_bytes),
+        bytes_read=plan.bytes_read + sum(s.nbytes for p in saved for s in p.sources) + base_read,
+        bytes_written=plan.bytes_written + (0 if full else out_elements * DTYPE_BYTES[out_dtype]),
         peak_bytes=peak,
     )
 
