@@ -140,3 +140,9 @@ def test_adapters_naming_different_bases_of_one_shape_are_each_compared_with_the
 def test_an_adapter_naming_the_recipe_base_gives_no_warning(tmp_path: Path) -> None:
     code, errors, _ = run(tmp_path, tiny_recipe("cat"), "validate")
     assert code == 0 and errors == [], errors
+
+
+@pytest.mark.parametrize("command", ["merge", "validate", "plan", "analyze", "fit-alpha"])
+def test_every_command_that_opens_a_recipe_takes_allow_base_mismatch(command: str) -> None:
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0 and "--allow-base-mismatch" in result.output
