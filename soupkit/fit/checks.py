@@ -12,6 +12,7 @@ b = micro-batch, s = the longest example's tokens (at most --seq-len), h = hidde
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +22,12 @@ from soupkit.fit.train import FitOptions
 
 ACTIVATION_VALUES_PER_TOKEN_PER_HIDDEN = 34  # Korthikanti et al. 2022, eq. 1 without the 5as/h attention term
 LOGIT_COPIES = 3  # logits (float32), log-softmax, gradient
+
+
+def warn_once(message: str) -> None:
+    """A warning from the first process only: under a launcher every process runs the same checks."""
+    if os.environ.get("RANK", "0") == "0":  # torchrun / accelerate set RANK; a plain run has none
+        warn_user(message)
 
 
 def size(n: int) -> str:
@@ -45,7 +52,7 @@ def micro_batch_without_repeats(options: FitOptions, n_train: int, num_processes
     if options.batch_size <= per_micro:
         return options
     if options.batch_size != FitOptions.batch_size:  # a size the user chose (the default is lowered silently)
-        warn_user(
+        warn_once(
             f"--batch-size {options.batch_size}: only {n_train} training examples, so each micro-batch takes "
             f"{per_micro} (no example is repeated to fill one)"
         )

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import yaml
 
-from soupkit.errors import SoupkitError, warn_user
-from soupkit.fit.checks import check_finite_options, check_micro_batch_fits, micro_batch_without_repeats
+from soupkit.errors import SoupkitError
+from soupkit.fit.checks import check_finite_options, check_micro_batch_fits, micro_batch_without_repeats, warn_once
 from soupkit.fit.data import check_record_shapes, load_examples, read_records, same_source, split_heldout
 from soupkit.fit.model import CatFitModel, build_fit_model
 from soupkit.fit.report import weights_by_module, write_report
@@ -88,7 +88,7 @@ def run_fit_alpha(
     check_record_shapes(train_records, "--data")
     eval_records = read_records(eval_data, "--eval-data") if eval_data else None
     if eval_data and same_source(data, eval_data):
-        warn_user(
+        warn_once(
             f"--eval-data is --data ({data[:80]}): the held-out loss then scores the training examples, so early "
             "stopping and the choice of weights cannot see overfitting; pass other examples, or omit --eval-data"
         )
@@ -320,7 +320,7 @@ def keep_the_better(state: FitState, starts: dict[str, torch.Tensor], mask: torc
         return
     state.weights = (starts[best].to(mask.device) * mask).float().cpu()
     state.chosen = best
-    warn_user(
+    warn_once(
         f"the fitted weights are no better on held-out data than the {best} weights ({fitted:.4f} against "
         f"{state.heldout[best]:.4f} loss per token); the fitted recipe keeps the {best} weights (more data, "
         "--eval-data or another --lr may help)"
