@@ -43,6 +43,10 @@ RUNS: dict[str, dict] = {  # name -> merge: section (rank RANK added, except for
     "cat": {"method": "cat"},
     "ties": {"method": "ties", "density": DENSITY, "rank": RANK},
     "dare_ties": {"method": "dare_ties", "density": DENSITY, "rank": RANK},
+    "dare_linear": {"method": "dare_linear", "density": DENSITY, "rank": RANK},
+    "della": {"method": "della", "density": 0.5, "epsilon": 0.1, "rank": RANK},  # DELLA's own default density
+    "breadcrumbs": {"method": "breadcrumbs", "rank": RANK},
+    "magnitude_prune": {"method": "magnitude_prune", "density": DENSITY, "rank": RANK},
     "lego": {"method": "lego", "rank": RANK},
     "ties_core": {"method": "ties", "space": "core", "density": DENSITY, "rank": RANK},
     "tsv": {"method": "tsv", "rank": RANK},
@@ -113,9 +117,14 @@ def rows(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="soupkit-bench-rows-"))
     print("| run | merge section | wall | peak RSS | note |")
     print("|---|---|---|---|---|", flush=True)
+    cat_wall = None
     for name in args.methods:
         merge = RUNS[name]
         wall, rss, status, note = soupkit_row(base, adapters, name, work, merge, args.device)
+        if name == "cat" and status == 0:
+            cat_wall = wall
+        elif cat_wall is not None and status == 0:  # issue 22: every method within 2x of cat
+            note = f"**{wall / cat_wall:.2f}x cat**; {note}"
         print(f"| soupkit {name} | `{merge}` | {fmt(wall, rss, status)} | {note} |", flush=True)
     for combo in args.peft:
         wall, rss, status = peft_row(base, adapters, combo, work, args.peft_timeout, args.device)

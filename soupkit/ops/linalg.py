@@ -58,14 +58,29 @@ def small_lapack(M: torch.Tensor) -> AbstractContextManager[None]:
     return single_thread() if small else nullcontext()
 
 
+def on_host(M: torch.Tensor) -> bool:
+    """True for a small matrix on a GPU, which LAPACK on the host decomposes faster than the GPU's solver:
+    each GPU eigh / svd of an R x R matrix is a chain of small kernels and host syncs, and the dense
+    methods' range finder makes about ten per module (R = 40 to 100)."""
+    return M.device.type != "cpu" and max(M.shape[-2:], default=0) <= SMALL_MATRIX
+
+
 def eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh`` (ascending); one CPU thread for a small matrix (see ``small_lapack``)."""
+    """``torch.linalg.eigh`` (ascending); one CPU thread for a small matrix (see ``small_lapack``); a
+    small GPU matrix is decomposed on the host (``on_host``) and the result moved back."""
+    if on_host(G):
+        evals, evecs = eigh(G.cpu())
+        return evals.to(G.device), evecs.to(G.device)
     with small_lapack(G):
         return torch.linalg.eigh(G)
 
 
 def svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin ``torch.linalg.svd``; one CPU thread for a small matrix (see ``small_lapack``)."""
+    """Thin ``torch.linalg.svd``; one CPU thread for a small matrix (see ``small_lapack``); a small GPU
+    matrix is decomposed on the host (``on_host``) and the result moved back."""
+    if on_host(M):
+        U, S, Vh = svd(M.cpu())
+        return U.to(M.device), S.to(M.device), Vh.to(M.device)
     with small_lapack(M):
         return torch.linalg.svd(M, full_matrices=False)
 
