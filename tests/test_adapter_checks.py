@@ -146,3 +146,8 @@ def test_an_adapter_naming_the_recipe_base_gives_no_warning(tmp_path: Path) -> N
 def test_every_command_that_opens_a_recipe_takes_allow_base_mismatch(command: str) -> None:
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0 and "--allow-base-mismatch" in result.output
+
+
+def test_a_base_name_too_long_for_a_path_is_only_a_name(tmp_path: Path) -> None:
+    code, errors, _ = run(tmp_path, naming(tmp_path, "x" * 5000), "validate")
+    assert code == 0 and len(errors) == 1 and errors[0].startswith("warning: adapter 'math'"), errors

@@ -65,7 +65,7 @@ def named_base(adapter: LoraAdapter) -> tuple[str, Path | None, dict | None] | N
     if not ref or not isinstance(ref, str):
         return None
     for candidate in (adapter.directory / ref, Path(ref)):
-        if candidate.is_dir():
+        if _is_dir(candidate):
             folder = candidate.resolve()
             pin = hub_pin(folder)
             return (pin.split("@")[0] if pin else folder.name), folder, _read_config(folder / "config.json")
@@ -74,6 +74,13 @@ def named_base(adapter: LoraAdapter) -> tuple[str, Path | None, dict | None] | N
         return ref.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1], None, None
     repo, revision = hub
     return repo, None, _cached_config(repo, revision or adapter.config.get("revision"))
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the file system is no folder
+        return False
 
 
 def _read_config(path: Path) -> dict | None:
