@@ -65,6 +65,7 @@ def describe_methods(verbose: bool = True) -> str:
     blocks = []
     for name, method in sorted(REGISTRY.items()):
         lines = [f"{name}  [{method.space}]  {method.summary}", f"    paper: {method.paper}"]
+        lines.append(f"    modules_to_save and lora_bias tensors: {method.full_tensor_rule}")
         lines += [f"    {line}" for line in param_lines(method.Params)] or ["    (no parameters beyond weights and rank)"]
         blocks.append("\n".join(lines))
     return "\n".join(blocks)

@@ -289,3 +289,17 @@ def test_lora_bias_without_a_base_bias_is_refused_for_a_full_model(tmp_path: Pat
     with pytest.raises(SoupkitError, match="found no bias in the base; write an adapter"):
         merge(tmp_path, zoo, {"nb": 1.0}, "cat", "model")
     assert not (tmp_path / "cat-model").exists()
+
+
+def test_methods_state_their_whole_tensor_rule() -> None:
+    """``soupkit methods`` says, per method, how modules_to_save and lora_bias tensors are merged."""
+    from soupkit.describe import describe_methods
+
+    lines = describe_methods().splitlines()
+
+    def rule(name: str) -> str:
+        header = next(i for i, line in enumerate(lines) if line.startswith(f"{name}  ["))
+        return lines[header + 2]
+
+    assert rule("ties").startswith("    modules_to_save and lora_bias tensors: the method's own rule")
+    assert rule("cat") == "    modules_to_save and lora_bias tensors: weighted sum: sum_i w_i d_i"
