@@ -140,14 +140,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 trials, 8 examples: a smoke run")
-    parser.add_argument("--skip-merge", action="store_true")
+    parser.add_argument("--skip-merge", action="store_true", help="part 1 only")
+    parser.add_argument("--skip-sweeps", action="store_true", help="part 2 only")
     args = parser.parse_args()
     n_examples = 8 if args.quick else 50
     trials = 3 if args.quick else args.trials
-    home = smollm2_fixture(args.root, n_examples, "llama-tiny" if args.quick else "smollm2-135m")
     runs = args.root / f"sweeps-{int(time.time())}"
     sweeps = []
-    for metric in ("loss", "contains"):
+    if not args.skip_sweeps:
+        home = smollm2_fixture(args.root, n_examples, "llama-tiny" if args.quick else "smollm2-135m")
+    for metric in () if args.skip_sweeps else ("loss", "contains"):
         for method in SWEEP_METHODS if not args.quick else ["cat", "ties"]:
             sweeps.append(sweep_row(home, method, metric, trials, args.device, runs))
             print(json.dumps(sweeps[-1]), flush=True)
