@@ -302,6 +302,14 @@ def test_adapter_for_another_base_is_refused_in_one_line(tmp_path: Path, moe: di
     with pytest.raises(SoupkitError, match="fit|shape|config differs") as err:
         merge(tmp_path, base, {"a": adapters["a"]}, {"a": 1.0})
     assert "\n" not in str(err.value)
+    from soupkit.io.base_check import allowing_base_mismatch
+
+    with (
+        allowing_base_mismatch(True),
+        pytest.raises(SoupkitError, match=r"experts.down_proj of shape \(4, 32, 32\)") as err,
+    ):  # past the config check
+        merge(tmp_path / "allowed", base, {"a": adapters["a"]}, {"a": 1.0})
+    assert "\n" not in str(err.value)
 
 
 def test_serving_vllm_refuses_a_target_parameters_adapter(tmp_path: Path, moe: dict) -> None:

@@ -135,7 +135,8 @@ def _expert_layout(adapter: LoraAdapter, param: TargetedParam, a_in: int, b_out:
     if not direct:
         raise AdapterError(
             where,
-            f"A (r*E, {d2}) and B ({d1}, r*E), or A (r*E, {d1}) and B ({d2}, r*E), for {param.path} of shape {param.shape}",
+            f"A (r*E, {d2}) and B ({d1}, r*E){'' if d1 == d2 else f', or A (r*E, {d1}) and B ({d2}, r*E)'}"
+            f" for {param.path} of shape {param.shape}",
             f"A (.., {a_in}) and B ({b_out}, ..)",
             "use the base model the adapter was trained on",
         )
