@@ -162,6 +162,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     sweep = next(r for r in results["per_seed"]["0"]["rows"] if r["kind"] == "sweep")
     assert len(sweep["sweep"]["grid"]) == len(SMOKE.sweep_math) * len(SMOKE.sweep_code)
 
+    _new_stages_in_the_same_folder(tmp_path, seed)
+
     # Other settings in the same folder: new stage folders, the first run's untouched, the right config
     # reported (a full run on a smoke folder used to reuse the smoke base and report the wrong config).
     before = {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()}
@@ -169,6 +171,42 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert list(other["config"]["seeds"]) == [7] and other["run_dir"] != results["run_dir"]
     assert all(e["seeds_ok"] == 0 for e in other["table"])  # nothing reused from the first run
     assert {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()} == before
+
+
+def _new_stages_in_the_same_folder(tmp_path, seed) -> None:
+    """Issue 23/19's stages after the core run: the base, the skill LoRAs and the rows both share are
+    reused (same settings, same key); the distractor and control LoRAs are trained and every new row runs."""
+    from soupkit.cli import main as cli
+
+    from examples.skill_composition.config import SMOKE
+    from examples.skill_composition.run import main
+    from examples.skill_composition.stages import NEW_STAGES, select_rows
+
+    shared = seed / "rows" / "cat_fit_softmax_k_16_target.json"
+    before = (shared.stat().st_mtime_ns, (seed / "adapters" / "math" / "adapter_model.safetensors").stat().st_mtime_ns)
+    results = main(["--out", str(tmp_path), "--smoke", "--stages", "new"])
+    by_name = {e["name"]: e for e in results["table"]}
+    assert list(by_name) == [r.name for r in select_rows(SMOKE, NEW_STAGES)]
+    for row in select_rows(SMOKE, NEW_STAGES):
+        entry = by_name[row.name]
+        if row.kind == "search" and "sweep" not in cli.commands:
+            assert "does not exist" in entry["not_available"]
+        else:
+            assert entry["seeds_ok"] == 1, (row.name, entry.get("not_available"))
+    assert (shared.stat().st_mtime_ns, (seed / "adapters" / "math" / "adapter_model.safetensors").stat().st_mtime_ns) == before
+    for d in SMOKE.distractors:  # every row is scored on the distractor skills too
+        assert 0.0 <= by_name[f"{d} LoRA"][f"{d}_acc"]["mean"] <= 1.0
+        assert (seed / "adapters" / d / "adapter_model.safetensors").is_file()
+    pool = by_name["pool: cat fit softmax [k=16 target]"]["fitted_weights"][0]
+    assert set(pool) == {"math", "code", *SMOKE.distractors}
+    assert sum(w["mean"] for w in pool.values()) == pytest.approx(1.0, abs=1e-3)  # softmax per module
+    per_adapter = by_name["cat fit free, per adapter [k=16 target]"]["fitted_weights"][0]
+    assert all(w["min"] == pytest.approx(w["max"]) for w in per_adapter.values())  # one weight per adapter
+    text = (tmp_path / "questions.md").read_text()
+    for heading in ("A pool of LoRAs", "Weight granularity", "Calibration size", "soupkit sweep beside"):
+        assert heading in text
+    for png in ("pool.png", "granularity.png", "calibration_size.png", "search.png"):
+        assert (tmp_path / png).stat().st_size > 0
 
 
 def test_stage_keys_follow_the_settings():
@@ -248,8 +286,8 @@ def test_two_workers_share_the_queue_and_a_rerun_frees_stale_claims(tmp_path):
     assert all(e["seeds_ok"] == 1 for e in results["table"]), [e["name"] for e in results["table"] if not e["seeds_ok"]]
     logs = [(tmp_path / "logs" / f"worker{i}.log").read_text() for i in range(2)]
     assert all("[seed 0]" in log for log in logs)  # each worker ran something
-    trained = [log.count("LoRA '") for log in logs]
-    assert sum(trained) == 3  # math, code and data-mix, each trained once
+    trained = [log.count("trained together") for log in logs]
+    assert sum(trained) == 1  # the seed's math, code and data-mix LoRAs, trained once, together
 
     seed = tmp_path / f"run-{SMOKE.key()}" / "seed0"
     row = slug(rows(SMOKE)[1].name)

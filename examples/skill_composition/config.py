@@ -63,8 +63,21 @@ class Config:
     sweep_math: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
     sweep_code: tuple[float, ...] = (0.5, 1.0)
     fixed_weights: tuple[tuple[float, float], ...] = ((1.0, 1.0), (0.5, 0.5))  # every registered method at each
+    # issue 23: the pool (math, code and these distractor skills), weight granularity, calibration size
+    distractors: tuple[str, ...] = ("upper", "sort", "count", "units", "weekday", "reverse")
+    eval_distractor: int = 32  # test prompts per distractor skill
+    pool_regimes: tuple[str, ...] = ("5% skill data", "k=16 target")  # pool and granularity rows
+    granularities: tuple[str, ...] = ("adapter", "layer", "module")
+    calib_fractions: tuple[float, ...] = (0.01, 0.025, 0.05, 0.10, 0.20)
+    calib_size_k: tuple[int, ...] = (0, 16)
+    # issue 19: `soupkit sweep` rows (TPE); weights searched per adapter in these ranges
+    search_trials: int = 40
+    search_chunk: int = 10  # trials per `soupkit sweep` call (it resumes), so a deadline stops between chunks
+    search_weights: tuple[float, float] = (0.0, 1.5)  # two-LoRA sweep over every method
+    pool_search_weights: tuple[float, float] = (0.0, 1.0)  # pool sweep over CAT weights (8 adapters)
+    deterministic: bool = True  # deterministic torch algorithms, fixed cuBLAS workspace, eager attention
     seeds: tuple[int, ...] = (0, 1, 2)
-    gen_batch: int = 256
+    gen_batch: int = 512
     max_new: int = 80  # generated tokens (toy: characters), every task
     extra: dict = field(default_factory=dict)
 
@@ -112,6 +125,9 @@ _TINY = {
     "calib_k": (4, 16),
     "sweep_math": (0.0, 1.0),
     "sweep_code": (1.0,),
+    "eval_distractor": 2,
+    "search_trials": 2,
+    "search_chunk": 1,
 }
 SMOKE = replace(
     TOY,
@@ -124,5 +140,8 @@ SMOKE = replace(
     pretrain_steps=8,
     pretrain_batch=8,
     **{**_TINY, "calib_k": (16,), "regimes": ("k=16 target",), "fixed_weights": ((1.0, 1.0),)},
+    distractors=("upper", "sort"),
+    pool_regimes=("k=16 target",),
+    calib_fractions=(0.01,),
 )
-SMOLLM2_TINY = replace(SMOLLM2, targets=("q_proj", "v_proj"), **{**_TINY, "max_new": 8})
+SMOLLM2_TINY = replace(SMOLLM2, targets=("q_proj", "v_proj"), **{**_TINY, "max_new": 8, "calib_fractions": (0.01, 0.05)})

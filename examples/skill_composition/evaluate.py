@@ -8,8 +8,14 @@ from pathlib import Path
 from examples.skill_composition.merges import NotAvailable, Row, fitted_weight_stats, run_row, slug
 from examples.skill_composition.model import train_lora
 from examples.skill_composition.safe_eval import program_shape, score_math, score_program
+from examples.skill_composition.scoring import exact
 
 TASKS = ("math", "code", "composite")
+
+
+def tasks(cfg) -> tuple[str, ...]:
+    """The test sets every row is scored on: the two skills, the composite, and the distractor skills."""
+    return (*TASKS, *cfg.distractors)
 
 
 def generate(ctx, prompts: list[str], model=None) -> list[str]:
@@ -19,8 +25,11 @@ def generate(ctx, prompts: list[str], model=None) -> list[str]:
 
 def score(examples: list, outputs: list[str], task: str) -> dict:
     """Accuracy and format rate; for the composite also partial credit (operators / numbers right)."""
-    scorer = score_math if task == "math" else score_program
-    scored = [scorer(o, e.answer) for o, e in zip(outputs, examples)]
+    if task in ("math", "code", "composite"):
+        scorer = score_math if task == "math" else score_program
+        scored = [scorer(o, e.answer) for o, e in zip(outputs, examples)]
+    else:  # a distractor skill: the reply must equal the reference
+        scored = [exact(o, e.completion) for o, e in zip(outputs, examples)]
     n = len(scored)
     metrics = {f"{task}_acc": sum(ok for _, ok in scored) / n, f"{task}_valid": sum(v for v, _ in scored) / n}
     if task == "composite":
@@ -32,11 +41,11 @@ def score(examples: list, outputs: list[str], task: str) -> dict:
 
 def evaluate_current(ctx, seed: int, model=None) -> tuple[dict, dict]:
     """Score the working model (or ``model``) on the three test sets, generated together in one batched pass."""
-    sets = ctx.sets(seed)
-    examples = {t: sets[f"eval_{t}"] for t in TASKS}
-    outputs = generate(ctx, [e.prompt for t in TASKS for e in examples[t]], model)
+    sets, names = ctx.sets(seed), tasks(ctx.cfg)
+    examples = {t: sets[f"eval_{t}"] for t in names}
+    outputs = generate(ctx, [e.prompt for t in names for e in examples[t]], model)
     metrics, samples, at = {}, {}, 0
-    for task in TASKS:
+    for task in names:
         outs = outputs[at : at + len(examples[task])]
         at += len(outs)
         metrics.update(score(examples[task], outs, task))
@@ -113,6 +122,10 @@ def evaluate_row(ctx, seed: int, row: Row) -> dict:
             adapter = sdir / "adapters" / row.sources[0]
         elif row.kind == "train":
             adapter = train_control(ctx, seed, row)
+        elif row.kind == "search":
+            from examples.skill_composition.sweeps import run_sweep
+
+            adapter = run_sweep(ctx, seed, row, entry)
         elif row.kind == "sweep":
             entry["sweep"] = chosen = sweep(ctx, seed, row)
             pair = (chosen["chosen"]["w_math"], chosen["chosen"]["w_code"])

@@ -182,9 +182,12 @@ def fit_args(row: Row, recipe: Path, calib: Path, fitted: Path, cfg: Config, see
     if "search" in row.fit:
         n = sum(1 for _ in calib.open())
         return args + ["--search", row.fit["search"], "--budget", str(cfg.lorahub_budget), "--lorahub-examples", str(min(n, 16))]
-    args += ["--steps", str(cfg.fit_steps), "--batch-size", str(cfg.fit_batch), "--lr", str(cfg.fit_lr)]
-    args += ["--eval-every", str(cfg.fit_steps), "--patience", "1000"]
-    return args + ["--granularity", "module", "--constraint", row.fit["constraint"], "--init", "uniform"]
+    from examples.skill_composition.stages import calib_steps
+
+    steps = calib_steps(cfg, sum(1 for _ in calib.open()))
+    args += ["--steps", str(steps), "--batch-size", str(cfg.fit_batch), "--lr", str(cfg.fit_lr)]
+    args += ["--eval-every", str(steps), "--patience", "1000", "--granularity", row.fit.get("granularity", "module")]
+    return args + ["--constraint", row.fit["constraint"], "--init", "uniform"]
 
 
 def run_row(row: Row, seed_dir: Path, base_dir: Path, cfg: Config, seed: int, device: str) -> tuple[Path, list[str], Path]:
@@ -227,4 +230,7 @@ def fitted_weight_stats(recipe: Path) -> dict:
     if not overrides:
         for spec in data.get("adapters", []):
             add(spec["name"], spec.get("weight", 1.0))
-    return {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "n": len(v)} for k, v in values.items()}
+    return {
+        k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "abs_mean": sum(map(abs, v)) / len(v), "n": len(v)}
+        for k, v in values.items()
+    }

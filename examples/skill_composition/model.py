@@ -90,28 +90,17 @@ class ChatCodec:
             text = text.split(stop)[0]
         return text
 
-    @torch.no_grad()
+    def render(self, prompt: str) -> str:
+        """The prompt as the chat template writes it, ready for the reply (what ``soupkit eval`` feeds)."""
+        chat = [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
     def generate(self, model, prompts: list[str], max_new: int, batch_size: int) -> list[str]:
-        """Greedy decoding of left-padded batches; each reply cut at the first end-of-turn token."""
-        device = next(model.parameters()).device
-        outs: list[str] = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = [self.prompt_ids(p) for p in prompts[i : i + batch_size]]
-            width = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, c in enumerate(chunk):
-                ids[row, width - len(c) :], mask[row, width - len(c) :] = torch.tensor(c), 1
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new,
-                do_sample=False,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.stop_ids,
-            )
-            outs += [self.cut(self.tokenizer.decode(row[width:].tolist(), skip_special_tokens=False)) for row in gen.cpu()]
-        return outs
+        """``soupkit eval``'s greedy batched generation (left padding, stops at the end-of-turn tokens and
+        at <|im_start|>), so the experiment scores what ``soupkit eval`` and ``soupkit sweep`` score."""
+        from soupkit.eval import generate
+
+        return generate(model, self.tokenizer, [self.render(p) for p in prompts], max_new, self.STOPS[1:], batch_size)
 
 
 def device_of() -> torch.device:
@@ -190,10 +179,12 @@ def pretrain(cfg: Config, corpus: str, out: Path, log: Callable[[str], None]) ->
     return {"params": n_params, "seconds": time.time() - t0, "final_loss": losses[-1], "steps": cfg.pretrain_steps}
 
 
-def load_base(path: Path, device: torch.device, dtype: torch.dtype = torch.float32):
+def load_base(path: Path, device: torch.device, dtype: torch.dtype = torch.float32, eager: bool = False):
+    """The base in ``dtype`` on ``device``; ``eager``: the plain attention kernels (repeatable), not SDPA's choice."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    kwargs = {"attn_implementation": "eager"} if eager else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
 
 
 def sft_batches(examples: list[Example], codec, batch_size: int, seed: int, device: torch.device):

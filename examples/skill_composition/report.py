@@ -18,16 +18,17 @@ def _mean_std(values: list[float]) -> dict:
     }
 
 
-def collect(run_dir: Path, cfg) -> dict[int, dict]:
+def collect(run_dir: Path, cfg, stages: tuple[str, ...] = ("core",)) -> dict[int, dict]:
     """Per seed: the adapter stage's info and every row in table order (``not run`` where no file)."""
-    from examples.skill_composition.merges import rows, slug
+    from examples.skill_composition.merges import slug
+    from examples.skill_composition.stages import select_rows
 
     per_seed = {}
     for seed in cfg.seeds:
         sdir = run_dir / f"seed{seed}"
         info = json.loads((sdir / "adapters.json").read_text()) if (sdir / "adapters.json").is_file() else {}
         entries = []
-        for row in rows(cfg):
+        for row in select_rows(cfg, stages):
             path = sdir / "rows" / f"{slug(row.name)}.json"
             missing = {"name": row.name, "status": "not run", "reason": "not run: the run's time limit (--minutes)"}
             entries.append(json.loads(path.read_text()) if path.is_file() else missing)
@@ -49,7 +50,8 @@ def aggregate(per_seed: dict[int, dict]) -> list[dict]:
         done = [r for r in runs[name] if r["status"] == "ok"]
         entry: dict = {"name": name, "seeds_ok": len(done), "seeds": len(runs[name])}
         if done:
-            entry.update({m: _mean_std([r["metrics"][m] for r in done]) for m in METRICS})
+            keys = [m for m in done[0]["metrics"] if all(m in r["metrics"] for r in done)]
+            entry.update({m: _mean_std([r["metrics"][m] for r in done]) for m in keys})
             fitted = [r["fitted_weights"] for r in done if r.get("fitted_weights")]
             if fitted:
                 entry["fitted_weights"] = fitted
@@ -188,9 +190,9 @@ def copy_fit_png(run_dir: Path, per_seed: dict[int, dict], out: Path) -> str | N
     return None
 
 
-def write_report(out: Path, payload: dict, run_dir: Path, cfg) -> dict:
+def write_report(out: Path, payload: dict, run_dir: Path, cfg, stages: tuple[str, ...] = ("core",)) -> dict:
     """Write results.json, table.md, chart.png (and fitted_weights.png) into ``out``; return the results."""
-    per_seed = collect(run_dir, cfg)
+    per_seed = collect(run_dir, cfg, stages)
     table = aggregate(per_seed)
     results = {**payload, "table": table, "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)}}
     results["fitted_weights_png"] = copy_fit_png(run_dir, per_seed, out)
@@ -200,4 +202,8 @@ def write_report(out: Path, payload: dict, run_dir: Path, cfg) -> dict:
     (out / "table.md").write_text(text)
     seeds = ", ".join(str(s) for s in sorted(per_seed))
     bar_chart(table, out / "chart.png", f"Skill composition: mean ± std over seeds {seeds}")
+    if set(stages) - {"core"}:
+        from examples.skill_composition.report_questions import write_questions
+
+        write_questions(out, table, per_seed, cfg, stages, payload.get("device", ""))
     return results

