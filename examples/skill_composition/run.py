@@ -226,8 +226,9 @@ def worker(cfg: Config, base_dir: Path, run_dir: Path, deadline: float, stages: 
     if not stage_adapters(ctx, deadline):
         return
     table = select_rows(cfg, stages)
-    queue = sorted(((r.priority, s, i, r) for i, r in enumerate(table) for s in cfg.seeds), key=lambda t: t[:3])
-    for _, seed, _, row in queue:
+    # every seed of a row before the next row: a run cut short leaves whole rows, not whole seeds
+    queue = sorted(((r.priority, i, s, r) for i, r in enumerate(table) for s in cfg.seeds), key=lambda t: t[:3])
+    for _, _, seed, row in queue:
         rows_dir = run_dir / f"seed{seed}" / "rows"
         if (rows_dir / f"{slug(row.name)}.json").is_file() or time.time() > deadline:
             continue

@@ -78,9 +78,9 @@ def pool_rows(cfg: Config) -> list[Row]:
                 (1 / n,) * n,
                 fit={"methods": ["cat"], "weights": list(cfg.pool_search_weights)},
                 regime=regime,
-                priority=-1,  # long: started first, so it ends in time
+                priority=4,  # the longest rows: taken once every other row is taken
             ),
-            fresh_control(regime),
+            fresh_control(regime, 1),
         ]
     return out
 
@@ -100,7 +100,7 @@ def calib_rows(cfg: Config) -> list[Row]:
     for k in cfg.calib_size_k:
         for fraction in cfg.calib_fractions:
             regime = size_regime(fraction, k)
-            out += [fit_row(f"cat fit softmax [{regime}]", SKILLS, regime, 3, constraint="softmax"), fresh_control(regime)]
+            out += [fit_row(f"cat fit softmax [{regime}]", SKILLS, regime, 3, constraint="softmax"), fresh_control(regime, 3)]
     return out
 
 
@@ -119,9 +119,9 @@ def search_rows(cfg: Config) -> list[Row]:
             "cat",
             fit={"methods": methods, "space": spaces, "weights": list(cfg.search_weights)},
             regime="validation",
-            priority=-2,
+            priority=-1,  # long: started first, so that it ends in time
         ),
-        Row(f"cat sweep (chosen with {n_val} target examples)", "sweep", SKILLS, priority=-1),
+        Row(f"cat sweep (chosen with {n_val} target examples)", "sweep", SKILLS, priority=1),
         Row("data-mix LoRA", "adapter", ("mix",), priority=0),
         *[Row(name, "merge", SKILLS, (0.5, 0.5), name.split()[0], priority=1) for name in FIXED_TWO],
     ]
