@@ -73,6 +73,7 @@ class Config:
     # issue 19: `soupkit sweep` rows (TPE); weights searched per adapter in these ranges
     search_trials: int = 40
     search_chunk: int = 10  # trials per `soupkit sweep` call (it resumes), so a deadline stops between chunks
+    search_workers: int = 2  # `soupkit sweep --workers`: processes of one sweep sharing the GPU
     search_weights: tuple[float, float] = (0.0, 1.5)  # two-LoRA sweep over every method
     pool_search_weights: tuple[float, float] = (0.0, 1.0)  # pool sweep over CAT weights (8 adapters)
     deterministic: bool = True  # deterministic torch algorithms, fixed cuBLAS workspace, eager attention
@@ -127,7 +128,8 @@ _TINY = {
     "sweep_code": (1.0,),
     "eval_distractor": 2,
     "search_trials": 2,
-    "search_chunk": 1,
+    "search_chunk": 2,
+    "search_workers": 1,
 }
 SMOKE = replace(
     TOY,

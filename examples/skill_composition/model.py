@@ -30,18 +30,9 @@ class CharCodec:
         self.tokenizer = char_tokenizer()
         vocab = self.tokenizer.get_vocab()
         self.ids = {tok: i for tok, i in vocab.items() if len(tok) == 1}
-        self.chars = {i: tok for tok, i in self.ids.items()}
 
     def encode(self, text: str) -> list[int]:
         return [self.ids[c] for c in text]
-
-    def decode(self, ids: list[int]) -> str:
-        out = []
-        for i in ids:
-            if i == EOS:
-                break
-            out.append(self.chars.get(i, ""))
-        return "".join(out)
 
     pad_id = PAD
 
@@ -52,7 +43,10 @@ class CharCodec:
         return {"prompt": prompt, "completion": completion + "</s>"}
 
     def generate(self, model, prompts: list[str], max_new: int, batch_size: int) -> list[str]:
-        return generate(model, self, prompts, max_new, batch_size)
+        """``soupkit eval``'s greedy batched generation; it stops at the tokenizer's ``</s>``."""
+        from soupkit.eval import generate
+
+        return generate(model, self.tokenizer, prompts, max_new, (), batch_size)
 
 
 class ChatCodec:
@@ -264,29 +258,3 @@ def random_lora(base, cfg: Config, seed: int, like: Path, out: Path) -> None:
                 noise = torch.randn(param.shape, generator=gen)
                 param.copy_((noise * target / noise.norm()).to(param.device))
     model.save_pretrained(out)
-
-
-@torch.no_grad()
-def generate(model, codec: CharCodec, prompts: list[str], max_new: int, batch_size: int) -> list[str]:
-    """Greedy decoding, left-padded batches, stop at EOS."""
-    device = next(model.parameters()).device
-    outs: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = [codec.encode(p) for p in prompts[i : i + batch_size]]
-        width = max(len(c) for c in chunk)
-        ids = torch.full((len(chunk), width), PAD, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, c in enumerate(chunk):
-            ids[row, width - len(c) :] = torch.tensor(c)
-            mask[row, width - len(c) :] = 1
-        with autocast(device):
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new,
-                do_sample=False,
-                pad_token_id=PAD,
-                eos_token_id=EOS,
-            )
-        outs += [codec.decode(row[width:].tolist()) for row in gen.cpu()]
-    return outs

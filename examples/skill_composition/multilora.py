@@ -123,7 +123,7 @@ def _group_losses(model, ids: torch.Tensor, labels: torch.Tensor, blocks, device
     return losses
 
 
-def train_many(base, cfg, jobs: list[Job], codec, log, max_rows: int = 160) -> list[dict]:
+def train_many(base, cfg, jobs: list[Job], codec, log, max_rows: int = 128) -> list[dict]:
     """Train every job's LoRA together; save each as a PEFT adapter in ``job.out``; return their infos."""
     from peft import get_peft_model
 

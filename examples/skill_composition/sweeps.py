@@ -23,6 +23,7 @@ from examples.skill_composition.merges import NotAvailable, Row, invoke, slug, w
 
 METRIC = "python:examples.skill_composition.scoring:score"
 REPO = Path(__file__).resolve().parents[2]  # the scorer module is imported from here (the sweep's cwd)
+CHUNK_MARGIN_S = 60  # no new chunk of trials this close to the deadline: in-flight work must end in the call
 
 
 def _records(codec, examples) -> str:
@@ -78,9 +79,11 @@ def run_sweep(ctx, seed: int, row: Row, entry: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     spec, out = sweep_file(ctx, seed, row, folder), folder / "out"
     done, t0 = 0, time.time()
-    while done < cfg.search_trials and time.time() < getattr(ctx, "deadline", float("inf")):
+    last_start = getattr(ctx, "deadline", float("inf")) - CHUNK_MARGIN_S
+    while done < cfg.search_trials and (done == 0 or time.time() < last_start):
         done = min(cfg.search_trials, done + cfg.search_chunk)
         args = ["sweep", str(spec), "-o", str(out), "--trials", str(done), "--device", ctx.device.type]
+        args += ["--workers", str(cfg.search_workers)] if cfg.search_workers > 1 else []
         entry["commands"] = ["soupkit " + shlex.join(args)]  # the last one: the study it resumed holds every trial
         result = subprocess.run([sys.executable, "-m", "soupkit", *args], cwd=REPO, capture_output=True, text=True, check=False)
         if result.returncode != 0:
