@@ -259,7 +259,7 @@ def write_questions(out: Path, table: list[dict], per_seed: dict, cfg, stages: t
         parts += ["## Calibration size (math + code)\n", calib_table(by, cfg)]
     if "search" in stages:
         parts += ["## soupkit sweep beside the other rows\n", search_table(by, cfg, per_seed)]
-    spread = spread_table(table)
+    spread = spread_table(table) if cfg.base == "smollm2" else ""  # the committed run is SmolLM2's
     if spread:
         parts += ["## Against the committed run (same row names)\n", spread]
     (out / "questions.md").write_text("\n".join(parts))

@@ -81,6 +81,9 @@ def pool_rows(cfg: Config) -> list[Row]:
                 priority=4,  # the longest rows: taken once every other row is taken
             ),
             fresh_control(regime, 1),
+            # the same fits over math + code alone, for comparison (shared with the granularity stage)
+            fit_row(f"cat fit softmax [{regime}]", SKILLS, regime, 1, constraint="softmax"),
+            fit_row(f"cat fit free [{regime}]", SKILLS, regime, 1, constraint="free"),
         ]
     return out
 
