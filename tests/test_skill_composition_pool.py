@@ -67,12 +67,12 @@ def test_batched_trainer_equals_training_each_lora_alone(tmp_path):
     codec = CharCodec()
     sets = [D.make_split("math", 16, 0), X.make_split("upper", 16, 0, "toy"), D.make_split("code", 12, 1)]
     jobs = [
-        Job(sets[0], 3, 4, 11, tmp_path / "a"),
-        Job(sets[1], 4, 4, 11, tmp_path / "b"),
-        Job(sets[2], 2, 2, 13, tmp_path / "c"),
+        Job(sets[0], 2, 4, 11, tmp_path / "a"),
+        Job(sets[1], 3, 4, 11, tmp_path / "b"),
+        Job(sets[2], 1, 2, 13, tmp_path / "c"),
     ]
-    infos = train_many(base, cfg, jobs, codec, lambda _: None, max_rows=6)  # 3 forwards a step at first
-    assert [i["steps"] for i in infos] == [3, 4, 2]
+    infos = train_many(base, cfg, jobs, codec, lambda _: None, max_rows=6)  # 2 forwards a step at first
+    assert [i["steps"] for i in infos] == [2, 3, 1]
     for job in jobs:
         ref = tmp_path / f"ref_{job.out.name}"
         train_lora(base, cfg, job.examples, job.steps, job.seed, ref, lambda _: None, codec, None, job.batch)

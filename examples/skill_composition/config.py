@@ -142,8 +142,10 @@ SMOKE = replace(
     pretrain_steps=8,
     pretrain_batch=8,
     **{**_TINY, "calib_k": (16,), "regimes": ("k=16 target",), "fixed_weights": ((1.0, 1.0),)},
-    distractors=("upper", "sort"),
+    distractors=("upper",),
     pool_regimes=("k=16 target",),
+    granularities=("adapter", "module"),
     calib_fractions=(0.01,),
+    calib_size_k=(16,),
 )
 SMOLLM2_TINY = replace(SMOLLM2, targets=("q_proj", "v_proj"), **{**_TINY, "max_new": 8, "calib_fractions": (0.01, 0.05)})
