@@ -284,17 +284,17 @@ def test_two_workers_share_the_queue_and_a_rerun_frees_stale_claims(tmp_path):
     from examples.skill_composition.merges import rows, slug
     from examples.skill_composition.run import main
 
-    # base, LoRAs and the CAT sweep only: enough rows for two workers, at a third of the smoke run's cost
-    args = ["--out", str(tmp_path), "--smoke", "--config", '{"fixed_weights": [], "regimes": []}']
+    # no calibration regimes (no fit-alpha, MoE or control rows): still enough rows for two workers, cheaper
+    args = ["--out", str(tmp_path), "--smoke", "--config", '{"regimes": []}']
+    cfg = replace(SMOKE, regimes=())
     results = main([*args, "--workers", "2"])
     assert all(e["seeds_ok"] == 1 for e in results["table"]), [e["name"] for e in results["table"] if not e["seeds_ok"]]
-    assert len(results["table"]) == 5
+    assert len(results["table"]) == len(rows(cfg)) > 20
     logs = [(tmp_path / "logs" / f"worker{i}.log").read_text() for i in range(2)]
     assert all("[seed 0]" in log for log in logs)  # each worker ran something
     trained = [log.count("trained together") for log in logs]
     assert sum(trained) == 1  # the seed's math, code and data-mix LoRAs, trained once, together
 
-    cfg = replace(SMOKE, fixed_weights=(), regimes=())
     seed = tmp_path / f"run-{cfg.key()}" / "seed0"
     row = slug(rows(cfg)[1].name)
     (seed / "rows" / f"{row}.json").unlink()
