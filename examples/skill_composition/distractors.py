@@ -12,7 +12,7 @@ small numbers, never single characters inside a word):
     weekday: What day of the week is 3 days after Monday?         -> Thursday
     reverse: Reverse the order of these words: red blue green     -> green blue red
 
-A reply is right when it equals the reference after stripping spaces (``scoring.exact``).
+A reply is right when it equals the reference up to whitespace (``soupkit eval``'s ``exact``, ``scoring.exact``).
 """
 
 from __future__ import annotations

@@ -6,17 +6,19 @@
 - a ``def solution():`` program (code, composite): the generated program, interpreted by the safe
   evaluator (never run), must return what the reference program returns;
 - ``... The answer is N.`` (math): the generation's ``The answer is M`` must have M == N;
-- anything else (the distractor skills): the generation must equal the reference, spaces stripped.
+- anything else (the distractor skills): ``soupkit eval``'s ``exact`` (equal up to whitespace).
 """
 
 from __future__ import annotations
+
+from soupkit.eval.metrics import exact as exact_score
 
 from examples.skill_composition.safe_eval import ANSWER, Refused, evaluate_program, extract_program, score_math, score_program
 
 
 def exact(generation: str, reference: str) -> tuple[bool, bool]:
-    """(non-empty reply, equal to the reference after stripping surrounding spaces)."""
-    return bool(generation.strip()), generation.strip() == reference.strip()
+    """(non-empty reply, ``soupkit eval``'s ``exact``: equal to the reference up to whitespace)."""
+    return bool(generation.strip()), exact_score("", generation, reference) == 1.0
 
 
 def reference_value(reference: str) -> float | None:
