@@ -12,6 +12,8 @@ before and after it. A row marked *before* runs the same command with ``PYTHONPA
 random rank-32 bf16 adapters on all 7 linear modules.
 
 Sections (``--sections``, in this order):
+- ``module`` (not in the default list): one Llama-1B MLP module in-process on one thread, CPU seconds
+  of each dense method's dense step and of its rank-32 refit, before and after;
 - ``startup``: ``soupkit --help``, and ``svd`` (rank 32) on the Llama-1B shape;
 - ``ties``: full-space ``ties`` (density 0.5, rank 32) on the Llama-1B shape;
 - ``dense``: every dense method (density 0.5 where it has one, rank 32) and ``ties`` again, on a
@@ -42,6 +44,50 @@ DENSE = ["ties", "dare_ties", "dare_linear", "della", "breadcrumbs", "magnitude_
 DENSITY = {"ties": 0.5, "dare_ties": 0.5, "dare_linear": 0.5, "magnitude_prune": 0.5, "della": 0.5}
 
 
+MODULE_CHILD = """
+import sys, time, torch
+import soupkit.cli as cli
+print("tree", cli.__file__, file=sys.stderr)
+if hasattr(cli, "keep_freed_memory"):
+    cli.keep_freed_memory()  # what `soupkit merge` does in this version
+torch.set_num_threads(1)
+from soupkit.methods import REGISTRY, LoraFactors, MergeContext
+from soupkit.ops import best_rank_k
+g = torch.Generator().manual_seed(0)
+factors = [LoraFactors(A=torch.randn(32, 2048, generator=g) / 45, B=torch.randn(8192, 32, generator=g) * 0.03) for _ in range(2)]
+start = torch.cat([f.A for f in factors]).T
+ctx = MergeContext("model.layers.0.mlp.up_proj", 32, 0, sources=("a0", "a1"))
+for name in sys.argv[1:]:
+    method = REGISTRY[name]
+    params = method.Params.model_validate({"density": 0.5} if name in ("ties", "dare_ties", "magnitude_prune") else {})
+    dense, refit = [], []
+    for _ in range(3):
+        t = time.process_time()
+        merged = method.dense_merge(factors, [1.0, 1.0], params, ctx)
+        dense.append(time.process_time() - t)
+        t = time.process_time()
+        best_rank_k(merged, 32, start=start, seed=1)
+        refit.append(time.process_time() - t)
+    print(f"{name} {min(dense):.3f} {min(refit):.3f}")
+"""
+
+
+def module_rows(sides: list[tuple[str, Path]]) -> None:
+    """One 8192 x 2048 module (Llama-1B's up_proj), two rank-32 inputs, one thread: CPU seconds of the
+    dense step and of the rank-32 refit, min of 3, in a child process per side."""
+    import subprocess
+
+    for side, tree in sides:
+        cmd = [sys.executable, "-c", MODULE_CHILD, *DENSE]  # `-c` puts the cwd first on sys.path: run in the tree
+        done = subprocess.run(cmd, env=soupkit_env(tree), cwd=tree, capture_output=True, text=True)
+        for line in done.stdout.splitlines() or [done.stderr[-300:]]:
+            name, dense, refit = (line.split() + ["", "", ""])[:3]
+            print(
+                f"| {name}: one 8192 x 2048 module, 1 thread, dense step + refit | {side} | | {dense} + {refit} s | | | |",
+                flush=True,
+            )
+
+
 def soupkit_env(tree: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(tree)}
 
@@ -49,7 +95,7 @@ def soupkit_env(tree: Path) -> dict[str, str]:
 def row(label: str, side: str, cmd: list[str], tree: Path, note: str = "") -> None:
     """Measure one whole process and print its table row."""
     load = os.getloadavg()[0]
-    wall, rss, status = measure(cmd, env=soupkit_env(tree))
+    wall, rss, status = measure(cmd, env=soupkit_env(tree), cwd=tree)  # `-m` puts the cwd first on sys.path
     after = os.getloadavg()[0]
     shown = f"{wall:.2f} s" if status == 0 else f"failed ({status})"
     print(
@@ -103,7 +149,9 @@ def main() -> None:
     base, adapters = ensure_fixture(args.root, "llama-1b", n_adapters=2, rank=32, zero_base=True)
     script = shutil.which("soupkit")
     for section in args.sections:
-        if section == "startup":
+        if section == "module":
+            module_rows(sides)
+        elif section == "startup":
             for side, tree in sides:  # the console script; `python -m soupkit` where it is not installed
                 row("`soupkit --help`", side, [script, "--help"] if script else [sys.executable, "-m", "soupkit", "--help"], tree)
             for side, tree in sides:

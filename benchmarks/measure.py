@@ -13,7 +13,9 @@ LAST_STDERR = ""  # stderr of the last measured command (children may print extr
 LAST_CPU = float("nan")  # CPU seconds (user + system) of the last measured command, from GNU time
 
 
-def measure(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> tuple[float, float, int]:
+def measure(
+    cmd: list[str], timeout: float | None = None, env: dict | None = None, cwd: str | os.PathLike | None = None
+) -> tuple[float, float, int]:
     """Run ``cmd``; return (wall seconds, peak RSS in MB, exit status). -1 status on timeout.
 
     The command runs under GNU ``time -f %M``: Linux keeps a process's peak-RSS mark across
@@ -24,7 +26,7 @@ def measure(cmd: list[str], timeout: float | None = None, env: dict | None = Non
     start = time.perf_counter()
     if os.path.exists("/usr/bin/time"):  # absent on some machines: then RSS is os.wait4's (see above)
         cmd = ["/usr/bin/time", "-f", "peak-rss-kb %M\ncpu-s %U %S", *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True)
     deadline = None if timeout is None else start + timeout
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
