@@ -88,15 +88,17 @@ class RecipeScorer:
 
     def merged_updates(self, recipe: Recipe) -> dict[str, LowRankUpdate]:
         """Every planned module's merged factors, as updates on this model (nothing is written)."""
-        if self.fused and is_weighted_sum(recipe, self.merger.plan(recipe)):
-            return self._fused_cat(recipe)
+        if self.fused:
+            plan = self.merger.plan(recipe)  # headers only; built once per trial
+            if is_weighted_sum(recipe, plan):
+                return self._fused_cat(recipe, plan)
         stored = TORCH_DTYPE[recipe.dtype]
         return {m.path: self.scoring.update(f.A.to(stored), f.B.to(stored)) for m, f in self.merger.merged(recipe)}
 
-    def _fused_cat(self, recipe: Recipe) -> dict[str, LowRankUpdate]:
+    def _fused_cat(self, recipe: Recipe, plan: Plan) -> dict[str, LowRankUpdate]:
         stored = TORCH_DTYPE[recipe.dtype]
         updates = {}
-        for module in self.merger.plan(recipe).modules:
+        for module in plan.modules:
             if not module.sources:
                 continue
             if module.path not in self._cat:
@@ -104,9 +106,10 @@ class RecipeScorer:
                 A = torch.cat([f.A for f in factors]).to(stored)
                 B = torch.cat([f.B for f in factors], dim=1).to(stored)
                 self._cat[module.path] = self.scoring.update(A, B)
-            weights = [torch.full((s.rank,), float(s.weight)) for s in module.sources]
             cat = self._cat[module.path]
-            updates[module.path] = LowRankUpdate(cat.A, cat.B, torch.cat(weights).to(cat.A.device, cat.A.dtype))
+            ranks = torch.tensor([s.rank for s in module.sources])
+            weights = torch.tensor([float(s.weight) for s in module.sources]).repeat_interleave(ranks)  # (R,)
+            updates[module.path] = LowRankUpdate(cat.A, cat.B, weights.to(cat.A.device, cat.A.dtype, non_blocking=True))
         return updates
 
     def apply(self, recipe: Recipe) -> None:
