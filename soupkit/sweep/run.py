@@ -22,6 +22,7 @@ from soupkit.execute import open_inputs
 from soupkit.io.output_guard import check_apart, claim, resolve_output
 from soupkit.io.output_markers import SWEEP_WRITER
 from soupkit.sweep import report
+from soupkit.sweep.space import space_fingerprint
 from soupkit.sweep.spec import Sweep, load_sweep
 from soupkit.sweep.study import fail_stale_trials, grid_size, open_study, storage_url
 from soupkit.sweep.trial import TrialRunner, budget_used, run_trials
@@ -124,8 +125,6 @@ def run_sweep(
     devices = worker_devices(device, workers)
     for d in set(devices):
         pick_device(d)
-    from soupkit.sweep.space import space_fingerprint
-
     fingerprint = space_fingerprint(sweep)
     with claim([target], True, "soupkit sweep"):
         dir_ = target.path
