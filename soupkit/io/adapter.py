@@ -263,14 +263,7 @@ class LoraAdapter:
         A = A.to(device=device, dtype=torch.float32)
         B = B.to(device=device, dtype=torch.float32) * spec.scale
         for key, tensor in ((spec.a_key, A), (spec.b_key, B)):
-            if not all_finite(tensor):
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise AdapterError(
-                    f"adapter '{self.name}' tensor {key}",
-                    "finite values",
-                    f"{bad} NaN or Inf entries",
-                    "retrain or repair the adapter",
-                )
+            self._check_finite(key, tensor)
         return LoraFactors(A=A, B=B)
 
     def load_bias(self, path: str, device: torch.device | str = "cpu") -> torch.Tensor:
