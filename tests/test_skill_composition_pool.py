@@ -49,9 +49,14 @@ def test_scorer_reads_the_task_from_the_reference():
     assert score("", "anything", None) == 0.0
 
 
-def test_batched_trainer_equals_training_each_lora_alone(tmp_path):
-    """train_many (one forward for all LoRAs, blocks of unequal batch sizes, unequal step counts) saves
-    the same adapters as model.train_lora run once per LoRA."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_batched_trainer_equals_training_each_lora_alone(tmp_path, monkeypatch, checkpointing):
+    """train_many (one forward for all LoRAs, blocks of unequal batch sizes, unequal step counts; with
+    and without recomputing the layers in the backward pass) saves the same adapters as
+    model.train_lora run once per LoRA."""
+    from examples.skill_composition import multilora
+
+    monkeypatch.setattr(multilora, "CHECKPOINT_ROWS", 0 if checkpointing else 10_000)
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -104,3 +109,25 @@ def test_stages_select_their_rows_once():
     assert {r.sources[0] for r in new if r.name.startswith("control: fresh")} <= set(adapters)
     # 1, 2.5, 5, 10, 20% of the skill data, with 0 and 16 target examples: fit and fresh LoRA each
     assert sum(r.name.startswith("control: fresh LoRA [") for r in new) == 11  # k=16 target alone, too
+
+
+def test_lora_packs_cover_every_adapter_once(tmp_path):
+    """Each needed LoRA is in exactly one pack: data-mix alone, like LoRAs together within PACK_ROWS rows."""
+    from examples.skill_composition import run
+    from examples.skill_composition.config import SMOLLM2
+    from examples.skill_composition.stages import NEW_STAGES, needed_adapters
+
+    ctx = run.Context.__new__(run.Context)
+    ctx.cfg, ctx.stages, ctx.run_dir, ctx._sets = SMOLLM2, NEW_STAGES, tmp_path, {}
+    ctx.sets = lambda seed: (
+        {k: [None] * 200 for k in ("math", "code", "mix", *SMOLLM2.distractors)}
+        | {f"calib:{r}": [None] * 40 for r in run.all_regimes(SMOLLM2)}
+    )
+    packs = run.lora_packs(ctx, 0)
+    names = [n for p in packs for n in p]
+    assert sorted(names) == sorted(needed_adapters(SMOLLM2, NEW_STAGES))
+    assert packs[0] == ["mix"]  # the longest pack, alone, first
+    for pack in packs[1:]:
+        assert len({n.startswith("fresh_") for n in pack}) == 1  # skills and controls apart
+        assert sum(run.adapter_job(ctx, 0, n).batch for n in pack) <= run.PACK_ROWS
+    assert len(packs) == 4  # 8 skill LoRAs in two packs of 4 (32 rows each), 11 controls of 8 rows in one

@@ -15,6 +15,7 @@ runs N processes (spread over the visible GPUs) that take tasks from one shared 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -128,20 +129,47 @@ def adapter_job(ctx: Context, seed: int, name: str) -> Job:
     return Job(ctx.sets(seed)[name], SKILL_ADAPTERS.get(name, 1) * cfg.lora_steps, cfg.lora_batch, 1000 + seed, out)
 
 
-def train_seed_adapters(ctx: Context, seed: int) -> None:
-    """Every LoRA the selected stages need for ``seed`` that is not trained yet, all in one batched run."""
+def lora_packs(ctx: Context, seed: int) -> list[list[str]]:
+    """The seed's LoRAs in packs, each trained by one worker with one forward of at most ``PACK_ROWS``
+    rows a step. A step is launch-bound (a step of one LoRA costs about what a step of four does), so
+    packs of like length run side by side in several processes: data-mix (twice the steps) alone, the
+    skill LoRAs four at a time, the short control LoRAs together."""
+    names = needed_adapters(ctx.cfg, ctx.stages)
+    jobs = {n: adapter_job(ctx, seed, n) for n in names}
+    kind = {n: "mix" if n == "mix" else "fresh" if n.startswith("fresh_") else "skill" for n in names}
+    packs: list[list[str]] = []
+    for name in names:
+        pack = next(
+            (
+                p
+                for p in packs
+                if kind[p[0]] == kind[name] != "mix" and sum(jobs[m].batch for m in p) + jobs[name].batch <= PACK_ROWS
+            ),
+            None,
+        )
+        if pack is None:
+            packs.append(pack := [])
+        pack.append(name)
+    return sorted(packs, key=lambda p: -max(jobs[n].steps for n in p))  # the longest first
+
+
+PACK_ROWS = 128
+
+
+def train_pack(ctx: Context, seed: int, names: list[str]) -> None:
+    """Train the pack's LoRAs that are not trained yet, together (``multilora.train_many``)."""
     sdir = ctx.run_dir / f"seed{seed}"
-    missing = [n for n in needed_adapters(ctx.cfg, ctx.stages) if not (sdir / "trained" / f"{n}.json").is_file()]
+    missing = [n for n in names if not (sdir / "trained" / f"{n}.json").is_file()]
     if not missing:
         return
     log(f"[seed {seed}] LoRAs {', '.join(missing)}: trained together")
     jobs = [adapter_job(ctx, seed, n) for n in missing]
     for job in jobs:
         shutil.rmtree(job.out, ignore_errors=True)  # ours: half-written by an interrupted run
-    infos = train_many(ctx.train_base(), ctx.cfg, jobs, ctx.codec, log)
+    infos = train_many(ctx.train_base(), ctx.cfg, jobs, ctx.codec, log, max_rows=PACK_ROWS)
     (sdir / "trained").mkdir(parents=True, exist_ok=True)
     for name, info in zip(missing, infos):
-        (sdir / "trained" / f"{name}.json").write_text(json.dumps(info, indent=1) + "\n")
+        (sdir / "trained" / f"{name}.json").write_text(json.dumps({**info, "pack": names}, indent=1) + "\n")
 
 
 def finish_adapters(ctx: Context, seed: int) -> None:
@@ -175,17 +203,32 @@ def adapters_ready(ctx: Context, seed: int) -> bool:
     return marker.is_file() and set(needed_adapters(ctx.cfg, ctx.stages)) <= set(marker.read_text().split())
 
 
-def stage_adapters(ctx: Context, deadline: float) -> bool:
-    """Every seed's LoRAs: one task per seed (its LoRAs trained together), taken by the first free worker."""
+def finish_ready_seeds(ctx: Context) -> None:
+    """Finish every seed whose LoRAs are all trained (one worker per seed does it)."""
     for seed in ctx.cfg.seeds:
         sdir = ctx.run_dir / f"seed{seed}"
-        if not adapters_ready(ctx, seed) and time.time() < deadline and claim(sdir / "claims" / "loras"):
-            train_seed_adapters(ctx, seed)
+        trained = all((sdir / "trained" / f"{n}.json").is_file() for n in needed_adapters(ctx.cfg, ctx.stages))
+        if trained and not adapters_ready(ctx, seed) and claim(sdir / "claims" / "finish"):
             finish_adapters(ctx, seed)
             (sdir / "adapters.done").write_text(" ".join(needed_adapters(ctx.cfg, ctx.stages)) + "\n")
+
+
+def stage_adapters(ctx: Context, deadline: float) -> bool:
+    """Every seed's LoRAs: one task per pack (``lora_packs``), taken by the first free worker."""
+    for seed in ctx.cfg.seeds:
+        sdir = ctx.run_dir / f"seed{seed}"
+        if adapters_ready(ctx, seed):
+            continue
+        for names in lora_packs(ctx, seed):
+            if time.time() < deadline and claim(
+                sdir / "claims" / f"loras-{hashlib.sha256(' '.join(names).encode()).hexdigest()[:10]}"
+            ):
+                train_pack(ctx, seed, names)
+                finish_ready_seeds(ctx)
     while not all(adapters_ready(ctx, s) for s in ctx.cfg.seeds):
         if time.time() > deadline:
             return False
+        finish_ready_seeds(ctx)
         time.sleep(2)
     return True
 
