@@ -103,6 +103,9 @@ def test_batched_left_padded_generation_equals_one_by_one_greedy() -> None:
     prompts = ["ab", "a longer prompt here", "x", "12+7="]
     got = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
     assert got == [greedy_reference(model, tokenizer, p, 6) for p in prompts]
+    tokenizer.pad_token = None  # as SmolLM2's tokenizer comes from its GGUF: padding still works, and is undone
+    assert generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3) == got
+    assert tokenizer.pad_token is None
 
 
 def test_scorers() -> None:

@@ -167,6 +167,8 @@ def train_pack(ctx: Context, seed: int, names: list[str]) -> None:
     for job in jobs:
         shutil.rmtree(job.out, ignore_errors=True)  # ours: half-written by an interrupted run
     infos = train_many(ctx.train_base(), ctx.cfg, jobs, ctx.codec, log, max_rows=PACK_ROWS)
+    if torch.cuda.is_available():  # hand the pack's activations back: 12 workers share the GPU's memory
+        torch.cuda.empty_cache()
     (sdir / "trained").mkdir(parents=True, exist_ok=True)
     for name, info in zip(missing, infos):
         (sdir / "trained" / f"{name}.json").write_text(json.dumps({**info, "pack": names}, indent=1) + "\n")

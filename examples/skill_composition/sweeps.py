@@ -86,6 +86,8 @@ def run_sweep(ctx, seed: int, row: Row, entry: dict) -> Path:
         args += ["--workers", str(cfg.search_workers)] if cfg.search_workers > 1 else []
         entry["commands"] = ["soupkit " + shlex.join(args)]  # the last one: the study it resumed holds every trial
         result = subprocess.run([sys.executable, "-m", "soupkit", *args], cwd=REPO, capture_output=True, text=True, check=False)
+        with (folder / "sweep.log").open("a") as log:  # the sweep's own output, for a failure's cause
+            log.write(f"$ soupkit {shlex.join(args)}\n{result.stdout}{result.stderr}\n")
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
             raise NotAvailable(f"`soupkit sweep` failed (exit {result.returncode}): {tail[0][:300]}")

@@ -44,6 +44,9 @@ def generate(
     none are added), left-padded so every row's last prompt token sits at the same position.
     """
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad = tokenizer.pad_token
+    if pad is None:  # a tokenizer without one (SmolLM2's from its GGUF): any id will do, the mask hides it
+        tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
     eos = stop_token_ids(model, tokenizer)
     out: list[str] = []
@@ -71,4 +74,6 @@ def generate(
                 on_batch(len(batch))
     finally:
         tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
     return out
