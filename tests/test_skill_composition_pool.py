@@ -131,3 +131,36 @@ def test_lora_packs_cover_every_adapter_once(tmp_path):
         assert len({n.startswith("fresh_") for n in pack}) == 1  # skills and controls apart
         assert sum(run.adapter_job(ctx, 0, n).batch for n in pack) <= run.PACK_ROWS
     assert len(packs) == 4  # 8 skill LoRAs in two packs of 4 (32 rows each), 11 controls of 8 rows in one
+
+
+def test_a_sweep_cut_by_the_deadline_is_deferred_and_resumed(tmp_path, monkeypatch):
+    """A sweep row that reaches the run's deadline before its trials saves no row file (the next run
+    takes it again) and asks the resumed study for the rest of the trials, never a short study."""
+    from types import SimpleNamespace
+
+    from examples.skill_composition import run, sweeps
+    from examples.skill_composition.config import SMOKE
+    from examples.skill_composition.merges import Row
+
+    asked: list[int] = []
+
+    def fake_sweep(cmd, **_):  # `python -m soupkit sweep SPEC -o OUT --trials N ...`
+        asked.append(int(cmd[cmd.index("--trials") + 1]))
+        return SimpleNamespace(returncode=0, stdout="", stderr="")
+
+    monkeypatch.setattr(sweeps.subprocess, "run", fake_sweep)
+    monkeypatch.setattr(sweeps, "sweep_file", lambda ctx, seed, row, folder: folder / "sweep.yaml")
+    cfg = replace(SMOKE, search_trials=4, search_chunk=2)
+    model = SimpleNamespace(reset=lambda: None)
+    ctx = SimpleNamespace(cfg=cfg, run_dir=tmp_path, device=SimpleNamespace(type="cpu"), deadline=0.0, eval_model=lambda: model)
+    row = Row("a sweep", "search", ("math", "code"), (0.5, 0.5), "cat", fit={"methods": ["cat"], "weights": [0, 1]})
+    (tmp_path / "seed0" / "rows").mkdir(parents=True)
+    run.run_task(ctx, 0, row)  # the deadline is long past: one chunk, then deferred
+    assert asked == [2] and not any((tmp_path / "seed0" / "rows").iterdir())
+    assert "--trials 2" in (tmp_path / "seed0" / "search" / "a_sweep" / "sweep.log").read_text()
+    out = tmp_path / "seed0" / "search" / "a_sweep" / "out"
+    out.mkdir()
+    (out / "leaderboard.json").write_text(json.dumps({"trials": [{}, {}]}))  # the first chunk's two trials
+    with pytest.raises(sweeps.Deferred, match="4 of 6 trials"):
+        sweeps.run_sweep(SimpleNamespace(**{**vars(ctx), "cfg": replace(cfg, search_trials=6)}), 0, row, {})
+    assert asked == [2, 4]  # resumed after the study's two trials, one chunk, deferred again

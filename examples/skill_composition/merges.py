@@ -116,6 +116,11 @@ class NotAvailable(Exception):
     """This soupkit cannot run the row (method or command missing, or the command failed)."""
 
 
+class Deferred(Exception):
+    """The row stopped at the run's deadline before it was complete: no result is saved, so the next
+    run (same ``--out``) takes it again and resumes it (a sweep's study keeps its finished trials)."""
+
+
 def method_check(row: Row) -> dict:
     """The row's params restricted to what the method accepts; NotAvailable if unregistered."""
     from soupkit.methods import REGISTRY

@@ -33,7 +33,7 @@ from examples.skill_composition import distractors as X
 from examples.skill_composition.analysis import adapter_stats
 from examples.skill_composition.config import BASE_FIELDS, SMOKE, SMOLLM2, SMOLLM2_TINY, TOY, Config
 from examples.skill_composition.evaluate import evaluate_row
-from examples.skill_composition.merges import Row, slug
+from examples.skill_composition.merges import Deferred, Row, slug
 from examples.skill_composition.model import CharCodec, ChatCodec, device_of, load_base, pretrain, random_lora
 from examples.skill_composition.multilora import Job, train_many
 from examples.skill_composition.report import write_report
@@ -241,6 +241,9 @@ def run_task(ctx: Context, seed: int, row: Row) -> None:
     t0 = time.time()
     try:
         entry = evaluate_row(ctx, seed, row)
+    except Deferred as why:  # no result file: the next run of this command resumes the row
+        log(f"[seed {seed}] {row.name}: deferred to the next run ({why})")
+        return
     except Exception as err:  # noqa: BLE001 - one failing row must not lose the others' results
         entry = {"name": row.name, "status": "error", "reason": f"{type(err).__name__}: {err}"[:400]}
     entry["seconds"] = time.time() - t0

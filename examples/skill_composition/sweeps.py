@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from examples.skill_composition.merges import NotAvailable, Row, invoke, slug, write_recipe
+from examples.skill_composition.merges import Deferred, NotAvailable, Row, invoke, slug, write_recipe
 
 METRIC = "python:examples.skill_composition.scoring:score"
 REPO = Path(__file__).resolve().parents[2]  # the scorer module is imported from here (the sweep's cwd)
@@ -78,9 +78,11 @@ def run_sweep(ctx, seed: int, row: Row, entry: dict) -> Path:
     folder = sdir / "search" / slug(row.name)
     folder.mkdir(parents=True, exist_ok=True)
     spec, out = sweep_file(ctx, seed, row, folder), folder / "out"
-    done, t0 = 0, time.time()
+    done, t0 = _trials_so_far(out), time.time()  # a deferred row resumes its study where it stopped
     last_start = getattr(ctx, "deadline", float("inf")) - CHUNK_MARGIN_S
-    while done < cfg.search_trials and (done == 0 or time.time() < last_start):
+    first = True
+    while done < cfg.search_trials and (first or time.time() < last_start):
+        first = False
         done = min(cfg.search_trials, done + cfg.search_chunk)
         args = ["sweep", str(spec), "-o", str(out), "--trials", str(done), "--device", ctx.device.type]
         args += ["--workers", str(cfg.search_workers)] if cfg.search_workers > 1 else []
@@ -91,6 +93,8 @@ def run_sweep(ctx, seed: int, row: Row, entry: dict) -> Path:
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
             raise NotAvailable(f"`soupkit sweep` failed (exit {result.returncode}): {tail[0][:300]}")
+    if done < cfg.search_trials:  # the deadline came first: the next run resumes the study
+        raise Deferred(f"{done} of {cfg.search_trials} trials before the deadline")
     board = json.loads((out / "leaderboard.json").read_text())
     trials = board["trials"]
     best = next(t for t in trials if t["number"] == board["best"])
@@ -111,6 +115,11 @@ def run_sweep(ctx, seed: int, row: Row, entry: dict) -> Path:
         for k, w in best["weights"].items()
     }
     return merged
+
+
+def _trials_so_far(out: Path) -> int:
+    board = out / "leaderboard.json"
+    return len(json.loads(board.read_text())["trials"]) if board.is_file() else 0
 
 
 def _by_method(trials: list[dict]) -> dict:
