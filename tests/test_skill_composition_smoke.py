@@ -302,3 +302,29 @@ def test_two_workers_share_the_queue_and_a_rerun_frees_stale_claims(tmp_path):
     again = main(args)
     assert all(e["seeds_ok"] == 1 for e in again["table"])
     assert (seed / "rows" / f"{row}.json").is_file()
+
+
+def test_resume_retrains_a_pack_bit_for_bit_and_finishes_the_row(tmp_path):
+    """resume.py after the cached LoRAs are lost: the row's pack is retrained equal to the run's record
+    (final losses and norm ratios), and the sweep row is run again from its study."""
+    import shutil
+
+    from examples.skill_composition import resume
+    from examples.skill_composition.config import SMOKE
+    from examples.skill_composition.run import main
+
+    main(["--out", str(tmp_path), "--smoke", "--stages", "search"])
+    seed = tmp_path / f"run-{SMOKE.key()}" / "seed0"
+    record = tmp_path / "record"
+    shutil.copytree(seed / "trained", record / "trained")
+    shutil.copy(seed / "adapters.json", record)
+    for gone in (seed / "adapters", seed / "trained"):
+        shutil.rmtree(gone)
+    row = next(seed.glob("rows/soupkit_sweep_every_method*.json"))
+    row.unlink()
+    args = ["--smoke", "--source", "unused", "--out", str(tmp_path), "--seed", "0", "--stages", "search"]
+    resume.main([*args, "--row", "soupkit sweep: every method", "--record", str(record)])
+    report = json.loads((tmp_path / "resume-seed0.json").read_text())
+    assert report["pack"] == ["math", "code"]  # data-mix (twice the steps) is its own pack
+    assert all(c["identical"] for c in report["check"].values()), report["check"]
+    assert report["status"] == "ok" and report["search"] == SMOKE.search_trials and row.is_file()

@@ -24,7 +24,7 @@ from examples.skill_composition.analysis import adapter_stats
 from examples.skill_composition.config import SMOKE, SMOLLM2, Config
 from examples.skill_composition.merges import slug
 from examples.skill_composition.run import Context, lora_packs, make_deterministic, run_task, stage_base, train_pack
-from examples.skill_composition.stages import NEW_STAGES, select_rows
+from examples.skill_composition.stages import NEW_STAGES, STAGES, select_rows
 
 
 def check_against_record(ctx: Context, seed: int, names: list[str], record: Path) -> dict:
@@ -48,10 +48,13 @@ def check_against_record(ctx: Context, seed: int, names: list[str], record: Path
     return out
 
 
-def resume(cfg: Config, out: Path, source: Path, seed: int, row_prefix: str, record: Path, chunk: int) -> dict:
+def resume(
+    cfg: Config, out: Path, source: Path, seed: int, row_prefix: str, record: Path, chunk: int, stages: tuple[str, ...]
+) -> dict:
+    """Retrain the row's pack (as a run of ``stages`` packs it), check it against ``record``, run the row."""
     base_dir, _ = stage_base(cfg, out, source)
-    ctx = Context(cfg, base_dir, out / f"run-{cfg.key()}", NEW_STAGES)
-    row = next(r for r in select_rows(cfg, NEW_STAGES) if r.name.startswith(row_prefix))
+    ctx = Context(cfg, base_dir, out / f"run-{cfg.key()}", stages)
+    row = next(r for r in select_rows(cfg, stages) if r.name.startswith(row_prefix))
     pack = next(p for p in lora_packs(ctx, seed) if set(row.sources) <= set(p))
     t0 = time.time()
     train_pack(ctx, seed, pack)
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--row", help="the row's name, or its start")
     parser.add_argument("--record", type=Path, help="the run's record of the seed: adapters.json, trained/*.json")
     parser.add_argument("--chunk", type=int, default=40, help="sweep trials per `soupkit sweep` start")
+    parser.add_argument(
+        "--stages", nargs="+", choices=[*STAGES, "new"], default=["new"], help="the run's stages (they set its packs)"
+    )
     args = parser.parse_args(argv)
     cfg = SMOKE if args.smoke else SMOLLM2
     make_deterministic(cfg)
@@ -85,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.prepare:
         stage_base(cfg, args.out, args.source)
         return
-    report = resume(cfg, args.out, args.source, args.seed, args.row, args.record, args.chunk)
+    stages = tuple(s for s in STAGES if s in args.stages or (s in NEW_STAGES and "new" in args.stages))
+    report = resume(cfg, args.out, args.source, args.seed, args.row, args.record, args.chunk, stages)
     (args.out / f"resume-seed{args.seed}.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1), flush=True)
 
