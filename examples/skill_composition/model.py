@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -99,6 +100,17 @@ class ChatCodec:
 
 def device_of() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_deterministic(cfg: Config) -> None:
+    """As repeatable as torch allows: deterministic kernels (warn where none exists), a fixed cuBLAS
+    workspace (must be set before CUDA starts), no cuDNN autotuning; attention is eager (``load_base``)."""
+    if not cfg.deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 def autocast(device: torch.device):

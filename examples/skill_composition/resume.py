@@ -23,7 +23,8 @@ from pathlib import Path
 from examples.skill_composition.analysis import adapter_stats
 from examples.skill_composition.config import SMOKE, SMOLLM2, Config
 from examples.skill_composition.merges import slug
-from examples.skill_composition.run import Context, lora_packs, make_deterministic, run_task, stage_base, train_pack
+from examples.skill_composition.model import make_deterministic
+from examples.skill_composition.run import Context, lora_packs, run_task, stage_base, train_pack
 from examples.skill_composition.stages import NEW_STAGES, STAGES, select_rows
 
 

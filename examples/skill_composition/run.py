@@ -34,7 +34,7 @@ from examples.skill_composition.analysis import adapter_stats
 from examples.skill_composition.config import BASE_FIELDS, SMOKE, SMOLLM2, SMOLLM2_TINY, TOY, Config
 from examples.skill_composition.evaluate import evaluate_row
 from examples.skill_composition.merges import Deferred, Row, slug
-from examples.skill_composition.model import CharCodec, ChatCodec, device_of, load_base, pretrain, random_lora
+from examples.skill_composition.model import CharCodec, ChatCodec, device_of, load_base, make_deterministic, pretrain, random_lora
 from examples.skill_composition.multilora import Job, train_many
 from examples.skill_composition.report import write_report
 from examples.skill_composition.stages import NEW_STAGES, STAGES, all_regimes, calib_steps, needed_adapters, select_rows
@@ -348,17 +348,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device-label", help="where the cached stages ran, when the report is written elsewhere")
     return parser.parse_args(argv)
-
-
-def make_deterministic(cfg: Config) -> None:
-    """As repeatable as torch allows: deterministic kernels (warn where none exists), a fixed cuBLAS
-    workspace (must be set before CUDA starts), no cuDNN autotuning; attention is eager (``load_base``)."""
-    if not cfg.deterministic:
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 def main(argv: list[str] | None = None) -> dict | None:
