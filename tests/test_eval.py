@@ -188,6 +188,12 @@ def test_cached_factors_and_fused_cat_merge_as_from_the_files() -> None:
     for path, u in fused.items():
         got = (u.B.double() * u.rank_scale.double()) @ u.A.double()
         torch.testing.assert_close(got, deltas[path], rtol=1e-5, atol=1e-7)
+    # the next trial's weights, on the plan cached for the first (only the weights differ)
+    other = Recipe.from_dict(tiny_recipe("cat", (-0.3, 1.2)))
+    deltas = weighted_sum([reference_deltas(TINY / "adapters" / n) for n in ("math", "code")], [-0.3, 1.2])
+    for path, u in scorer.merged_updates(other).items():
+        got = (u.B.double() * u.rank_scale.double()) @ u.A.double()
+        torch.testing.assert_close(got, deltas[path], rtol=1e-5, atol=1e-7)
 
 
 def test_linear_without_a_rank_cut_is_scored_as_the_weighted_sum() -> None:

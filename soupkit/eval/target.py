@@ -14,7 +14,7 @@ from soupkit.execute import TORCH_DTYPE, Inputs, iter_merged, load_sources, open
 from soupkit.io.adapter import LoraAdapter
 from soupkit.io.resolve import resolve_reference
 from soupkit.methods import LoraFactors
-from soupkit.plan import ModulePlan, Plan, build_plan
+from soupkit.plan import ModulePlan, Plan, build_plan, module_weight
 from soupkit.recipe import Recipe, load_recipe
 
 
@@ -85,18 +85,32 @@ class RecipeScorer:
         self.scoring: ScoringModel = load_scoring_model(self.merger.inputs.base.directory, device, dtype)
         self.fused = fused
         self._cat: dict[str, LowRankUpdate] = {}  # module path -> concatenated factors (fused cat)
+        self._plans: dict[str, Plan] = {}  # the recipe without its adapter weights -> its plan
 
     def merged_updates(self, recipe: Recipe) -> dict[str, LowRankUpdate]:
         """Every planned module's merged factors, as updates on this model (nothing is written)."""
         if self.fused:
-            plan = self.merger.plan(recipe)  # headers only; built once per trial
+            plan = self._weightless_plan(recipe)
             if is_weighted_sum(recipe, plan):
                 return self._fused_cat(recipe, plan)
         stored = TORCH_DTYPE[recipe.dtype]
         return {m.path: self.scoring.update(f.A.to(stored), f.B.to(stored)) for m, f in self.merger.merged(recipe)}
 
+    def _weightless_plan(self, recipe: Recipe) -> Plan:
+        """The plan, built once for recipes that differ only in their adapters' weights (a sweep's trials):
+        its sources' weights are the first such recipe's, so ``_fused_cat`` takes each from ``module_weight``."""
+        spec = recipe.model_dump(mode="json")
+        for adapter in spec["adapters"]:
+            adapter.pop("weight", None)
+        key = json.dumps(spec, sort_keys=True, default=str)
+        if key not in self._plans:
+            self._plans[key] = self.merger.plan(recipe)
+        return self._plans[key]
+
     def _fused_cat(self, recipe: Recipe, plan: Plan) -> dict[str, LowRankUpdate]:
         stored = TORCH_DTYPE[recipe.dtype]
+        layers = self.merger.inputs.base.num_layers
+        scales: dict[tuple, torch.Tensor] = {}  # (ranks, weights) -> the per-rank weights on the device, made once
         updates = {}
         for module in plan.modules:
             if not module.sources:
@@ -107,9 +121,10 @@ class RecipeScorer:
                 B = torch.cat([f.B for f in factors], dim=1).to(stored)
                 self._cat[module.path] = self.scoring.update(A, B)
             cat = self._cat[module.path]
-            ranks = torch.tensor([s.rank for s in module.sources])
-            weights = torch.tensor([float(s.weight) for s in module.sources]).repeat_interleave(ranks)  # (R,)
-            updates[module.path] = LowRankUpdate(cat.A, cat.B, weights.to(cat.A.device, cat.A.dtype, non_blocking=True))
+            key = tuple((s.rank, module_weight(recipe, s.adapter, module.path, layers)) for s in module.sources)
+            if key not in scales:  # (R,): adapter i's weight on each of its r_i ranks
+                scales[key] = torch.tensor([w for rank, w in key for _ in range(rank)]).to(cat.A.device, cat.A.dtype)
+            updates[module.path] = LowRankUpdate(cat.A, cat.B, scales[key])
         return updates
 
     def apply(self, recipe: Recipe) -> None:
