@@ -89,7 +89,7 @@ class RecipeScorer:
 
     def merged_updates(self, recipe: Recipe) -> dict[str, LowRankUpdate]:
         """Every planned module's merged factors, as updates on this model (nothing is written)."""
-        if self.fused:
+        if self.fused and recipe.merge.method in ("cat", "linear"):  # the only weighted sums (is_weighted_sum)
             plan = self._weightless_plan(recipe)
             if is_weighted_sum(recipe, plan):
                 return self._fused_cat(recipe, plan)
