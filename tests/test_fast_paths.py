@@ -14,7 +14,7 @@ import yaml
 
 from soupkit.methods import REGISTRY, LoraFactors, MergeContext
 from soupkit.ops import best_rank_k, elect_sign, keep_where, kth_largest_magnitude, trim_to_density
-from soupkit.ops.sparsify import magnitude_order
+from soupkit.ops.magprune import magnitude_order
 
 from conftest import tiny_recipe
 

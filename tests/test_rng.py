@@ -58,6 +58,17 @@ def test_draws_equal_plain_python_including_past_2_to_32() -> None:
     assert ((words >> 8).double() / 2**24).tolist() == want
 
 
+def test_numpy_words_equal_the_int64_torch_words() -> None:
+    """The CPU's uint32 numpy hash (counter_uniform's CPU path) gives hash_words' bits, past 2**32 too."""
+    import numpy as np
+
+    key = rng.stream_key(5, "model.layers.1.mlp.down_proj", "della", "code")
+    for start, count in [(0, 5000), ((1 << 32) - 8, 8), (1 << 32, 4096), (3 << 32, 7)]:
+        words, tmp = np.empty(count, dtype=np.uint32), np.empty(count, dtype=np.uint32)
+        rng.hash_words_numpy(start, count, key, words, tmp)
+        assert words.astype(np.int64).tolist() == rng.hash_words(start, count, key, torch.device("cpu")).tolist()
+
+
 def test_chunking_does_not_change_draws(monkeypatch: pytest.MonkeyPatch) -> None:
     key = rng.stream_key(0, "m", "dare", "a")
     whole = rng.counter_uniform((301, 257), key, "cpu")

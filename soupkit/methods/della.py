@@ -17,7 +17,7 @@ from pydantic_core import PydanticCustomError
 from soupkit.methods import seeds
 from soupkit.methods._dense import NORMALIZE_DOC, SIGN_DOC, DenseMethod, DenseParams, Density, Normalize, SignRule, uniform_for
 from soupkit.methods.base import MergeContext
-from soupkit.ops import della_keep_probability, drop_and_rescale
+from soupkit.ops import della_drop
 
 
 class DellaParams(DenseParams):
@@ -54,5 +54,4 @@ class Della(DenseMethod):
     def sparsify(self, delta: torch.Tensor, j: int, params: Any, ctx: MergeContext) -> torch.Tensor:
         if params.density >= 1.0:
             return delta
-        keep = della_keep_probability(delta, params.density, params.epsilon)
-        return drop_and_rescale(delta, keep, uniform_for(delta, j, ctx, seeds.DELLA))
+        return della_drop(delta, params.density, params.epsilon, uniform_for(delta, j, ctx, seeds.DELLA))

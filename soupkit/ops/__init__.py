@@ -3,6 +3,7 @@
 - ``linalg``: ``LoraFactors`` and low-rank algebra (factor SVD, truncation, best rank-k, padding);
 - ``sparsify``: elementwise merging primitives (trim, sign election, disjoint mean, drops) and
   exact magnitude thresholds;
+- ``magprune``: DELLA's rank-based keep probabilities and drop (blocked on the CPU);
 - ``cluster``: k-means for LoRA-LEGO.
 
 Everything is importable from here (``from soupkit.ops import truncate_factors``).
@@ -34,11 +35,11 @@ from soupkit.ops.linalg import (
     truncate_dense,
     truncate_factors,
 )
+from soupkit.ops.magprune import della_drop, della_keep_probability, rank_probabilities
 from soupkit.ops.sparsify import (
     RADIX_HIGH,
     RADIX_LOW,
     band_mask,
-    della_keep_probability,
     disjoint_mean,
     drop_and_rescale,
     elect_sign,
@@ -59,6 +60,7 @@ __all__ = [
     "band_mask",
     "best_rank_k",
     "concat_factors",
+    "della_drop",
     "della_keep_probability",
     "dense_delta",
     "disjoint_mean",
@@ -76,6 +78,7 @@ __all__ = [
     "orthonormal_columns",
     "pad_rank",
     "radix_keys",
+    "rank_probabilities",
     "refill_empty_clusters",
     "select_bucket",
     "single_thread",

@@ -134,35 +134,6 @@ def drop_and_rescale(delta: torch.Tensor, keep: torch.Tensor | float, uniform: t
     return torch.where(kept, delta / keep_t.clamp_min(1e-12), torch.zeros_like(delta))
 
 
-def magnitude_order(delta: torch.Tensor) -> torch.Tensor:
-    """Per row (last dim), the positions sorted by |.| ascending, ties by position: the same order on every device.
-
-    For float32, the keys (|x|'s bits << 32 | position) are unique, so an unstable sort gives exactly
-    the stable order, 1.5x faster on CPU than a stable argsort of |x| (measured, 8192 x 2048).
-    """
-    if delta.dtype != torch.float32:
-        return delta.abs().argsort(dim=-1, stable=True)
-    bits = delta.abs().view(torch.int32).long()  # non-negative floats order as their bit patterns
-    position = torch.arange(delta.shape[-1], device=delta.device)
-    return bits.bitwise_left_shift_(32).bitwise_or_(position).argsort(dim=-1)
-
-
-def della_keep_probability(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA MagPrune keep probabilities: per row, ranked by |.|, linear from density-eps to density+eps.
-
-    p = (density - eps) + 2 eps * rn with rn = rank / (n - 1) in [0, 1] (rank 0 = smallest |.| of
-    the row), clamped to [0, 1]. The row mean is ``density`` before clamping.
-    """
-    n = delta.shape[-1]
-    order = magnitude_order(delta)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(n, device=delta.device).expand_as(order))
-    # Divide by a tensor on the device, not a Python number: CUDA turns division by a host scalar into
-    # multiplication by its reciprocal (other rounding), the CPU divides; a device tensor divides on both.
-    rn = ranks.to(delta.dtype) / torch.full((), max(n - 1, 1), dtype=delta.dtype, device=delta.device)
-    return ((density - epsilon) + 2 * epsilon * rn).clamp(0.0, 1.0)
-
-
 def band_mask(magnitudes: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Breadcrumbs: True where low <= |x| < high (drop the outliers above, the small ones below)."""
     return (magnitudes >= low) & (magnitudes < high)
