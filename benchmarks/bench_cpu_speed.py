@@ -46,10 +46,15 @@ DENSITY = {"ties": 0.5, "dare_ties": 0.5, "dare_linear": 0.5, "magnitude_prune":
 
 MODULE_CHILD = """
 import sys, time, torch
-import soupkit.cli as cli
+import importlib
+cli = importlib.import_module("soupkit.cli")
 print("tree", cli.__file__, file=sys.stderr)
-if hasattr(cli, "keep_freed_memory"):
-    cli.keep_freed_memory()  # what `soupkit merge` does in this version
+for where in ("soupkit.cli.group", "soupkit.cli"):  # a package since 72a6472, one module before
+    try:
+        importlib.import_module(where).keep_freed_memory()  # what `soupkit merge` does in this version
+        break
+    except (ImportError, AttributeError):
+        pass
 torch.set_num_threads(1)
 from soupkit.methods import REGISTRY, LoraFactors, MergeContext
 from soupkit.ops import best_rank_k
