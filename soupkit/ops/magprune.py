@@ -6,7 +6,7 @@ it. On the CPU (float32, 2-D) the ranks come from one ascending sort per row of 
 ``|x|'s bits << 32 | position`` (numpy's vectorised sort, about 5x torch's argsort), and p from a
 scatter of the n-entry table p(r), one block of rows at a time so that keys, p and the mask stay in
 cache; blocks are shared among ``torch.get_num_threads()`` threads. Elsewhere: torch's argsort.
-Every path gives the same bits (tests/test_methods_dense.py).
+Every path gives the same bits (tests/test_magprune.py).
 """
 
 from __future__ import annotations
