@@ -20,7 +20,6 @@ from soupkit.execute import (
     resolve_device,
     write_adapter,
 )
-from soupkit.export import export_model
 from soupkit.io.adapter_config import VLLM_MODULES_TO_SAVE
 from soupkit.io.output_guard import atomic_dir, check_replaceable, claim, resolve_output
 from soupkit.io.resolve import TOKENIZER_VOCAB_FILES, has_tokenizer, lock_reference
@@ -70,6 +69,8 @@ def merge_recipe(
     resolve_device(options.device)
     with claim([target], options.overwrite, "soupkit merge"), atomic_dir(target, options.overwrite) as tmp:
         if recipe.output == "model":
+            from soupkit.export import export_model  # here: an adapter merge need not load (nor compile) it
+
             report.energy_kept = export_model(recipe, plan, inputs, tmp, target.path, options)
         else:
             report.energy_kept = write_adapter(recipe, plan, inputs, tmp, target.path, options)

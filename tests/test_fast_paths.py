@@ -109,19 +109,25 @@ def test_float64_kth_largest_matches_a_sort() -> None:
 @pytest.mark.parametrize("method", ["cat", "ties"])
 def test_a_plain_adapter_merge_imports_no_transformers(tmp_path: Path, method: str) -> None:
     """Start-up: an adapter merge needs torch and safetensors, not transformers, PEFT or matplotlib
-    (about a second of imports; docs/benchmarks.md). A fresh interpreter, as a user's run."""
+    (about a second of imports; docs/benchmarks.md), nor full-model export or ``describe`` (imported
+    only where used), and builds the parameter validator of its own method only (``defer_build``).
+    A fresh interpreter, as a user's run."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(method, **({"density": 0.5} if method == "ties" else {}))))
+    lazy = ("transformers", "peft", "matplotlib", "soupkit.export", "soupkit.describe")
     code = (
         "import sys\n"
         "from soupkit.cli import main\n"
+        "from soupkit.methods import REGISTRY\n"
         f"main(['merge', {str(recipe)!r}, '-o', {str(tmp_path / 'out')!r}, '--quiet'], standalone_mode=False)\n"
-        "print('imported:', *[m for m in ('transformers', 'peft', 'matplotlib') if m in sys.modules])\n"
+        f"print('imported:', *[m for m in {lazy!r} if m in sys.modules])\n"
+        "print('built:', *sorted({m.Params.__name__ for m in REGISTRY.values() if m.Params.__pydantic_complete__}))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    assert done.stdout.splitlines()[-1] == "imported:"  # none of the three
+    assert done.stdout.splitlines()[-2] == "imported:"  # none of them
+    assert done.stdout.splitlines()[-1] == f"built: {REGISTRY[method].Params.__name__}"
 
 
 def test_della_magnitude_order_is_the_stable_argsort() -> None:

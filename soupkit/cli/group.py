@@ -151,7 +151,6 @@ def merge(
 ) -> None:
     """Run RECIPE and write one merged PEFT adapter (or full model)."""
     keep_freed_memory()
-    from soupkit.describe import human_bytes
     from soupkit.execute import RunOptions
     from soupkit.io.sharded import parse_size
     from soupkit.merge import merge_recipe
@@ -170,6 +169,8 @@ def merge(
     report = merge_recipe(loaded, given if dry_run else out, options, recipe_file=recipe_file(recipe))
     plan = report.plan
     if dry_run:
+        from soupkit.describe import human_bytes  # only here: a merge that writes does not need describe
+
         click.echo(f"dry run: {len(plan.modules)} modules, rank {plan.rank}, would write {human_bytes(plan.bytes_written)}")
         return
     kept = f", energy kept >= {min(report.energy_kept.values()):.4f}" if report.energy_kept else ""

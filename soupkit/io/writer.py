@@ -57,7 +57,8 @@ class SafetensorsStreamWriter:
         data = tensor.detach().to(device="cpu", dtype=DTYPES[tag][0]).contiguous()
         check_finite_cast(data, tensor, f"tensor {key}")  # what is written is what was checked
         # Little-endian raw bytes, as safetensors stores them (viewed as uint8 to support bf16).
-        self._fh.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        # Written from the tensor's own memory: ``tobytes()`` would copy every byte once more first.
+        self._fh.write(data.view(torch.uint8).numpy().data if data.numel() else b"")
         self._next += 1
 
     def close(self) -> None:
