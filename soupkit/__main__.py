@@ -1,3 +1,3 @@
-from soupkit.cli import main
+from soupkit.cli.exit import run
 
-main()
+run()

@@ -4,6 +4,7 @@ methods (``ops.best_rank_k``) against the exact best rank-k truncation computed 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from soupkit.cli.exit import FAST_EXIT_COMMANDS, command_name
 from soupkit.methods import REGISTRY, LoraFactors, MergeContext
 from soupkit.ops import best_rank_k, elect_sign, keep_where, kth_largest_magnitude, trim_to_density
 from soupkit.ops.magprune import magnitude_order
@@ -158,3 +160,33 @@ def test_masked_products_give_the_bits_of_where() -> None:
     for rule in ("total", "frequency"):
         votes = x.sum(0) if rule == "total" else x.sign().sum(0)
         assert torch.equal(elect_sign(x, rule).view(torch.int32), torch.where(votes >= 0, 1.0, -1.0).view(torch.int32))
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_the_console_entry_exits_fast_keeping_output_and_exit_code(tmp_path: Path, exists: bool) -> None:
+    """``soupkit.cli.exit.run`` skips the interpreter's teardown after a merge (issue 22): the exit code, what
+    was printed to a block-buffered pipe and the atexit handlers must all survive it."""
+    recipe = tmp_path / "r.yaml"
+    if exists:
+        recipe.write_text(yaml.safe_dump(tiny_recipe("cat")))
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        f"sys.argv = ['soupkit', 'merge', {str(recipe)!r}, '-o', {str(tmp_path / 'out')!r}, '--quiet']\n"
+        "from soupkit.cli.exit import run\n"
+        "run()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: block-buffered
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == (0 if exists else 2), done.stderr
+    assert done.stdout.splitlines()[-1] == "atexit ran"
+    if exists:
+        assert done.stdout.startswith("wrote ") and (tmp_path / "out" / "soupkit.lock.yaml").is_file()
+    else:
+        assert "error:" in done.stderr
+
+
+def test_fast_exit_only_for_listed_commands() -> None:
+    assert command_name(["--quiet", "merge", "r.yaml"]) == "merge"
+    assert command_name(["--help"]) is None
+    assert command_name(["fit-alpha", "r.yaml"]) not in FAST_EXIT_COMMANDS
