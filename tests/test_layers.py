@@ -17,7 +17,7 @@ PACKAGE = ROOT / "soupkit"
 
 # Top-level module or subpackage of soupkit -> layer. Keep in step with docs/architecture.md.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("maths and errors", {"ops", "rng", "errors"}),
+    ("maths, errors, threads", {"ops", "rng", "errors", "background"}),
     ("package root", {"__init__"}),  # __version__ and SoupkitError only
     ("io", {"io"}),
     ("methods", {"methods"}),
@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, set[str]]] = [
 ]
 LAYER_OF = {part: rank for rank, (_, parts) in enumerate(LAYERS) for part in parts}
 # Pure maths: not even soupkit.errors, so `import soupkit.ops` can never pull in the pipeline.
-IMPORTS_NOTHING = {"ops", "rng", "errors"}
+IMPORTS_NOTHING = {"ops", "rng", "errors", "background"}
 # Lower layers that a layer still may not use: a merge rule knows no files (and, being below
 # recipe, no recipe).
 NOT_FROM = {"methods": {"io"}}
