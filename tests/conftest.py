@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,16 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny"
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for a test of tiny tensors: on a busy 2-core machine a small float64 product or
+    LAPACK call takes milliseconds with two OpenMP threads and microseconds with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -30,13 +30,7 @@ DENSE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """One torch thread: LAPACK and small products on a shared 2-core machine are many times faster so."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 def low_rank_inputs(shape: tuple[int, int], rank: int, seed: int) -> list[LoraFactors]:

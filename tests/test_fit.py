@@ -22,13 +22,7 @@ from conftest import TINY, tiny_recipe, write_recipe
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Tiny tensors: one CPU thread is faster than several and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 def fit_model(constraint: str = "free", granularity: str = "module", dtype: torch.dtype = torch.float32):

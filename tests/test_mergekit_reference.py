@@ -38,13 +38,7 @@ MODULE = "model.layers.0.mlp.up_proj"
 SOURCES = ("math", "code", "chat")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one OpenMP thread is much faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 def random_factors(seed: int, rank: int) -> LoraFactors:

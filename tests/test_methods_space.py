@@ -26,14 +26,7 @@ D_OUT, D_IN = 40, 28
 SPACED = sorted(n for n, m in REGISTRY.items() if "space" in m.Params.model_fields)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Every matrix here is tiny: on a busy 2-core machine a 40 x 28 float64 product takes ~70 ms
-    with 2 OpenMP threads and microseconds with one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 # --- plain float64 references ------------------------------------------------------------

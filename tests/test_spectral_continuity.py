@@ -24,13 +24,7 @@ APART = 1e-6  # relative distance between "nearly identical" inputs
 MOVED = 1e-4  # the most their outputs may differ, relative
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one OpenMP thread is much faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 # --- plain float64 references (docs/methods.md, tsv and iso_c) ----------------------------

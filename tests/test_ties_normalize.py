@@ -18,13 +18,7 @@ from conftest import TINY, reference_deltas, tiny_recipe, write_recipe
 NORMALIZED = ["ties", "dare_ties", "della"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one OpenMP thread is ~15x faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 D_OUT, D_IN = 12, 10
