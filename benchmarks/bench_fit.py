@@ -169,6 +169,63 @@ def bench_step() -> None:
     report(rows, weights_bytes)
 
 
+def bench_profile() -> None:
+    """Where fit-alpha's step loses to the floor (issue 22): tokens/s of variants that each add one part
+    of the soupkit step to the floor, then torch.profiler's top CUDA kernels of the floor and the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from soupkit.fit.model import CatFitModel, TargetModule
+
+    base = llama7b()
+    factors = random_adapters(base)
+    ids = torch.randint(0, 32000, (BATCH, SEQ), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    mask = torch.ones_like(ids)
+    targets = [TargetModule(name, int(name.split(".")[2]), (0, 1), (RANK, RANK)) for name in factors]
+    cat = CatFitModel(base, targets, list(factors.values()), 2, "module", "softmax").cuda()
+    cat.detach_paths()
+    opt = torch.optim.Adam([cat.logits], lr=5e-2)
+
+    def floor(attention_mask: torch.Tensor | None = None) -> None:
+        embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            token_loss(base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits, ids).backward()
+
+    def step(optimizer: bool = True, attention_mask: torch.Tensor | None = mask) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, count = cat(ids, attention_mask, ids)
+        (loss / count).backward()
+        if optimizer:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    variants = {
+        "floor": floor,
+        "floor + attention mask": lambda: floor(mask),
+        "soupkit step": step,
+        "soupkit step, no optimizer": lambda: step(False),
+        "soupkit step, no attention mask": lambda: step(True, None),
+    }
+    for _round in range(2):  # the second round is printed
+        rows = {}
+        for name, fn in variants.items():
+            if name.startswith("soupkit"):
+                cat.attach_paths()
+            rows[name] = timed(fn)[0]
+            cat.detach_paths()
+    for name, tps in rows.items():
+        print(f"{name:40s} {tps:10.0f} tokens/s  {tps / rows['floor']:.3f}x floor")
+    for name in ("floor", "soupkit step"):
+        if name.startswith("soupkit"):
+            cat.attach_paths()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                variants[name]()
+            torch.cuda.synchronize()
+        cat.detach_paths()
+        print(f"--- {name}: top CUDA kernels over 3 steps")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
 def report(rows: dict[str, tuple[float, int]], weights_bytes: int) -> None:
     gib = 2**30
     floor_tps = rows["floor (no adapters)"][0]
@@ -271,6 +328,7 @@ if __name__ == "__main__":
 
     modes = {
         "step": bench_step,
+        "profile": bench_profile,
         "dp": bench_dp,
         "fsdp": bench_fsdp,
         "fsdp-check": bench_fsdp_check,
