@@ -22,6 +22,7 @@ SHAPES = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate/up
 PER_LAYER = {"q_proj/o_proj": 2, "k_proj/v_proj": 2, "gate/up": 2, "down": 1}  # modules of each shape in a layer
 METHODS = ["ties", "dare_ties", "dare_linear", "della", "breadcrumbs", "magnitude_prune"]
 LAYERS = 32
+ORTHONORMAL = linalg.orthonormal_columns
 
 
 def params_for(name: str):
@@ -86,9 +87,67 @@ def main() -> None:
         print(f"- {name}: {dense_s:.2f} + {refit_s:.2f} = {dense_s + refit_s:.2f} s")
     if "--profile" in sys.argv:
         profile(dev, g)
+    if "--variants" in sys.argv:
+        variants(dev, g)
+    if "--profile-della" in sys.argv:
+        profile(dev, g, "della")
 
 
-def profile(dev: torch.device, g: torch.Generator) -> None:
+def variants(dev: torch.device, g: torch.Generator) -> None:
+    """The GPU refit with the Gram (host eigh) and the Householder (on device) bases, and the exact
+    threshold by radix selection and by a sampled bracket, on each shape: ms and that they agree."""
+    from soupkit.ops import sparsify
+    from soupkit.ops.magprune import magnitude_order
+
+    sorts = {}
+    print(
+        "\n| shape | refit: gram (host eigh) ms | householder ms | energy kept gram / householder | "
+        "threshold: radix ms | bracket ms | same threshold |\n|---|---|---|---|---|---|---|"
+    )
+    for label, (d_out, d_in) in SHAPES.items():
+        factors = [
+            LoraFactors(
+                A=(torch.randn(32, d_in, generator=g) / 64).to(dev), B=(torch.randn(d_out, 32, generator=g) * 0.03).to(dev)
+            )
+            for _ in range(2)
+        ]
+        start = torch.cat([f.A for f in factors]).T
+        ctx = MergeContext("model.layers.0.mlp.up_proj", 32, 0, dev, sources=("a0", "a1"))
+        merged = REGISTRY["ties"].dense_merge(factors, [1.0, 1.0], params_for("ties"), ctx)
+        refit = {}
+        for name, basis in (("gram", linalg.gram_columns), ("householder", lambda Y, rounds=2: linalg.householder_columns(Y))):
+            linalg.orthonormal_columns = basis
+            refit[name] = timed(lambda d=merged, s=start: best_rank_k(d, 32, start=s, seed=1))
+        linalg.orthonormal_columns = ORTHONORMAL
+        mags = merged.abs()
+        k = int(0.2 * mags.numel())
+        bits = mags.view(torch.int32).reshape(-1)
+        radix_ms, radix = timed(lambda b=bits, n=k: radix_select(b, n))
+        bracket_ms, bracket = timed(lambda x=mags, n=k: sparsify.kth_largest_bracketed(x.reshape(-1), n))
+        order_ms, order = timed(lambda d=merged: magnitude_order(d))
+        stable_ms, stable = timed(lambda d=merged: d.abs().argsort(dim=-1, stable=True))
+        sorts[label] = (order_ms, stable_ms, torch.equal(order, stable))
+        print(
+            f"| {label} | {refit['gram'][0]:.1f} | {refit['householder'][0]:.1f} | "
+            f"{refit['gram'][1][1]:.6f} / {refit['householder'][1][1]:.6f} | {radix_ms:.1f} | {bracket_ms:.1f} | {radix == bracket} |",
+            flush=True,
+        )
+    print("\n| shape | DELLA's order: int64 keys ms | stable float32 argsort ms | same order |\n|---|---|---|---|")
+    for label, (keys_ms, stable_ms, same) in sorts.items():
+        print(f"| {label} | {keys_ms:.1f} | {stable_ms:.1f} | {same} |")
+
+
+def radix_select(bits: torch.Tensor, k: int) -> float:
+    """kth_largest_magnitude's radix path alone (float32 bits of the magnitudes)."""
+    from soupkit.ops.sparsify import RADIX_HIGH, RADIX_LOW, float_from_radix, select_bucket
+
+    high = bits >> 16
+    h, above = select_bucket(torch.bincount(high, minlength=RADIX_HIGH), k)
+    low, _ = select_bucket(torch.bincount(bits[high == h] & 0xFFFF, minlength=RADIX_LOW), k - above)
+    return float_from_radix(h, low)
+
+
+def profile(dev: torch.device, g: torch.Generator, name: str = "ties") -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -98,7 +157,7 @@ def profile(dev: torch.device, g: torch.Generator) -> None:
     ]
     start = torch.cat([f.A for f in factors]).T
     ctx = MergeContext("model.layers.0.mlp.up_proj", 32, 0, dev, sources=("a0", "a1"))
-    method, params = REGISTRY["ties"], params_for("ties")
+    method, params = REGISTRY[name], params_for(name)
     for _ in range(2):
         best_rank_k(method.dense_merge(factors, [1.0, 1.0], params, ctx), 32, start=start, seed=1)
     torch.cuda.synchronize()

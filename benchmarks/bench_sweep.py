@@ -142,6 +142,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 trials, 8 examples: a smoke run")
     parser.add_argument("--skip-merge", action="store_true", help="part 1 only")
     parser.add_argument("--skip-sweeps", action="store_true", help="part 2 only")
+    parser.add_argument("--methods", nargs="+", help="part 1's methods (default: all of SWEEP_METHODS)")
+    parser.add_argument("--metrics", nargs="+", default=["loss", "contains"], help="part 1's metrics")
     args = parser.parse_args()
     n_examples = 8 if args.quick else 50
     trials = 3 if args.quick else args.trials
@@ -149,8 +151,9 @@ def main() -> None:
     sweeps = []
     if not args.skip_sweeps:
         home = smollm2_fixture(args.root, n_examples, "llama-tiny" if args.quick else "smollm2-135m")
-    for metric in () if args.skip_sweeps else ("loss", "contains"):
-        for method in SWEEP_METHODS if not args.quick else ["cat", "ties"]:
+    methods = args.methods or (SWEEP_METHODS if not args.quick else ["cat", "ties"])
+    for metric in () if args.skip_sweeps else args.metrics:
+        for method in methods:
             sweeps.append(sweep_row(home, method, metric, trials, args.device, runs))
             print(json.dumps(sweeps[-1]), flush=True)
     merges = [] if args.skip_merge else merge_rows(args.root, args.device, "llama-tiny" if args.quick else "llama3-8b")

@@ -7,8 +7,8 @@ drawn under a 64-bit ``key`` (k0, k1) gets
     u = (x >> 8) * 2**-24                                   # float32 in [0, 1), 24-bit mantissa
 
 with ``lo``/``hi`` the low/high 32 bits of i and ``mix32`` Wellons' "lowbias32" integer hash
-(a bijection of 32-bit words with low avalanche bias). Every step is integer arithmetic on int64
-tensors holding 32-bit values, so CPU and GPU give the same bits: products stay below 2**63
+(a bijection of 32-bit words with low avalanche bias). Every step is integer arithmetic on 32-bit values held in int64
+tensors (on a GPU in int32 ones, wrapping), so CPU and GPU give the same bits: products stay below 2**63
 (multipliers above 2**31 are applied as their negative twin c - 2**32, which is equal mod 2**32)
 and each step is masked back to 32 bits (on the CPU, numpy's uint32 words give the same bits in a
 third of the time). No global RNG, no host generator, no host-device copy.
@@ -73,6 +73,38 @@ def hash_words(start: int, count: int, key: tuple[int, int], device: torch.devic
     return x
 
 
+def _as_int32(c: int) -> int:
+    """The int32 value with c's 32 bits (c in [0, 2**32))."""
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _mix32_int32(x: torch.Tensor, tmp: torch.Tensor) -> None:
+    """lowbias32 in place on int32 tensors holding the 32-bit words: products wrap mod 2**32 as two's
+    complement int32 arithmetic does, and each right shift is made logical by masking the bits that
+    the sign filled in. The same bits as ``_mix32`` with half the memory traffic (tests/test_rng.py)."""
+    for shift, mult in LOWBIAS32:
+        torch.bitwise_right_shift(x, shift, out=tmp).bitwise_and_((1 << (32 - shift)) - 1)
+        x.bitwise_xor_(tmp)
+        if mult is not None:
+            x.mul_(_as_int32(mult))
+
+
+def hash_words_int32(start: int, count: int, key: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``hash_words`` as an int32 tensor of the same 32-bit words (negative where the top bit is set),
+    for the GPU: the int64 passes made DARE's and DELLA's draws most of their dense step on an H100."""
+    hi, lo = divmod(start, 1 << 32)
+    if lo + count > 1 << 32:
+        raise ValueError("hash_words ranges must not cross a multiple of 2**32")
+    k0, k1 = key
+    x = torch.arange(count, dtype=torch.int32, device=device).add_(_as_int32(lo))  # wraps as lo + i does mod 2**32
+    tmp = torch.empty_like(x)
+    x.bitwise_xor_(_as_int32(k0))
+    _mix32_int32(x, tmp)
+    x.bitwise_xor_(_as_int32((k1 ^ hi) & MASK32))
+    _mix32_int32(x, tmp)
+    return x
+
+
 def _mix32_numpy(x: np.ndarray, tmp: np.ndarray) -> None:
     """lowbias32 in place on uint32 words: numpy's uint32 products wrap mod 2**32 and its shifts are
     logical, so these are the same bits as ``_mix32`` with half the memory traffic."""
@@ -113,8 +145,13 @@ def counter_uniform(shape: torch.Size | tuple[int, ...], key: tuple[int, int], d
             np.multiply(tmp[:n], np.float32(2.0**-24), out=flat_np[start : start + n], casting="unsafe")  # exact
         return out
     for start in range(0, flat.numel(), step):
-        n = min(step, flat.numel() - start)
-        words = hash_words(start, n, key, device)
-        # top 24 bits -> float32 exactly (< 2**24), times 2**-24 exactly: no rounding anywhere
-        torch.mul(words.bitwise_right_shift_(8), 2.0**-24, out=flat[start : start + n])
+        fill_uniform_torch(flat[start : start + min(step, flat.numel() - start)], start, key)
     return out
+
+
+def fill_uniform_torch(out: torch.Tensor, start: int, key: tuple[int, int]) -> None:
+    """Draws of elements start .. start + len(out) - 1 into the 1-D float32 ``out``, with torch on its device."""
+    words = hash_words_int32(start, out.numel(), key, out.device)
+    # top 24 bits -> float32 exactly (< 2**24), times 2**-24 exactly: no rounding anywhere
+    top24 = words.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)  # a logical shift of the int32 words
+    torch.mul(top24, 2.0**-24, out=out)

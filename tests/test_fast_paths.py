@@ -15,8 +15,9 @@ import yaml
 
 from soupkit.cli.exit import FAST_EXIT_COMMANDS, command_name
 from soupkit.methods import REGISTRY, LoraFactors, MergeContext
-from soupkit.ops import best_rank_k, elect_sign, keep_where, kth_largest_magnitude, trim_to_density
+from soupkit.ops import best_rank_k, elect_sign, keep_where, kth_largest_magnitude, linalg, trim_to_density
 from soupkit.ops.magprune import magnitude_order
+from soupkit.ops.sparsify import kth_largest_bracketed
 
 from conftest import tiny_recipe
 
@@ -31,6 +32,14 @@ DENSE = {
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
+
+
+@pytest.fixture(params=["gram", "householder"])
+def basis(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The range finder with each basis: the CPU's Gram route, and the GPU's Householder QR run here on the CPU."""
+    if request.param == "householder":
+        monkeypatch.setattr(linalg, "orthonormal_columns", lambda Y, rounds=2: linalg.householder_columns(Y))
+    return request.param
 
 
 def low_rank_inputs(shape: tuple[int, int], rank: int, seed: int) -> list[LoraFactors]:
@@ -51,7 +60,7 @@ def exact_residual(delta: torch.Tensor, rank: int) -> float:
 
 @pytest.mark.parametrize("method", sorted(DENSE))
 @pytest.mark.parametrize("shape", [(600, 1100), (1100, 600)])
-def test_randomized_truncation_is_within_1e_3_of_the_exact_residual(method: str, shape: tuple[int, int]) -> None:
+def test_randomized_truncation_is_within_1e_3_of_the_exact_residual(method: str, shape: tuple[int, int], basis: str) -> None:
     factors = low_rank_inputs(shape, 24, seed=len(method))
     m = REGISTRY[method]
     ctx = MergeContext("model.layers.0.mlp.up_proj", 24, 7, sources=("a", "b"))
@@ -78,7 +87,7 @@ def test_randomized_truncation_is_deterministic_per_seed() -> None:
     assert not torch.equal(first.A, other.A)  # the seed reaches the random columns
 
 
-def test_a_rank_deficient_update_comes_back_exactly() -> None:
+def test_a_rank_deficient_update_comes_back_exactly(basis: str) -> None:
     """An update inside the start's row space (no trimming) is captured in the first sketch."""
     factors = low_rank_inputs((800, 640), 8, seed=5)
     delta = sum(f.B @ f.A for f in factors)
@@ -86,6 +95,31 @@ def test_a_rank_deficient_update_comes_back_exactly() -> None:
     out, kept = best_rank_k(delta, 16, start=start, seed=0)
     assert kept == pytest.approx(1.0, abs=1e-6)
     assert torch.allclose(out.B @ out.A, delta, atol=1e-4 * float(delta.abs().max()))
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (512, 1792)])
+def test_bracketed_kth_largest_is_exact_or_declines(shape: tuple[int, int]) -> None:
+    """The GPU's sampled bracket (run here on the CPU) against a sort: exact whenever it answers; it
+    answers on a low-rank delta with column structure, and declines (None) when the sample is fooled."""
+    factors = low_rank_inputs(shape, 16, seed=shape[1])
+    factors[0].A[:, ::2] *= 5  # every other column larger: a power-of-two stride would see one kind only
+    flat = (factors[0].B @ factors[0].A).abs().flatten()
+    flat[::3] = 0.0  # a third exact zeros, as a TIES merge leaves
+    ordered = flat.sort(descending=True).values
+    for fraction in (0.2, 0.5, 0.01, 0.6):
+        k = int(fraction * flat.numel())
+        assert kth_largest_bracketed(flat, k) == float(ordered[k - 1]), fraction
+    fooled = torch.zeros_like(flat)
+    fooled[1:] = torch.linspace(1.0, 2.0, flat.numel() - 1)
+    fooled[:: kth_stride(flat.numel())] = 10.0  # every sampled entry is the largest value
+    assert kth_largest_bracketed(fooled, flat.numel() // 2) is None  # kth_largest_magnitude then uses radix
+    assert kth_largest_magnitude(fooled, flat.numel() // 2) == float(fooled.sort(descending=True).values[flat.numel() // 2 - 1])
+
+
+def kth_stride(n: int) -> int:
+    from soupkit.ops.sparsify import prime_at_least
+
+    return prime_at_least(max(2, n // (1 << 16)))
 
 
 def test_float64_kth_largest_matches_a_sort() -> None:

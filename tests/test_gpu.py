@@ -91,3 +91,49 @@ def test_dense_rule_keeps_the_same_entries_on_gpu(name: str) -> None:
         gpu = method.sparsify(delta.cuda(), j, params, ctx_gpu).cpu()
         assert torch.equal(gpu != 0, cpu != 0), (name, j)
         assert torch.allclose(gpu, cpu, rtol=1e-6, atol=0), (name, j)
+
+
+def merged_ties_delta(d_out: int, d_in: int, seed: int) -> torch.Tensor:
+    """A TIES-merged delta of two rank-32 inputs, as a real merge forms it (many exact zeros)."""
+    return merged_ties_delta_and_start(d_out, d_in, seed)[0]
+
+
+def merged_ties_delta_and_start(d_out: int, d_in: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta and the range finder's start that a merge passes with it, the inputs' A^T (d_in, 64)."""
+    g = torch.Generator().manual_seed(seed)
+    factors = [(torch.randn(d_out, 32, generator=g) * 0.03, torch.randn(32, d_in, generator=g) / 64) for _ in range(2)]
+    deltas = [B @ A for B, A in factors]
+    kept = [d * (d.abs() >= d.abs().flatten().kthvalue(int(0.8 * d.numel())).values) for d in deltas]
+    stack = torch.stack(kept)
+    sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(stack) == sign) & (stack != 0)
+    return (stack * agree).sum(0) / agree.sum(0).clamp_min(1), torch.cat([A for _, A in factors]).T
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (4096, 14336), (14336, 4096), (1024, 4096)])
+def test_large_gpu_threshold_is_the_exact_kth_largest(shape: tuple[int, int]) -> None:
+    """The GPU's bracketed selection (tensors of BRACKET_MIN entries and more) against a sort."""
+    from soupkit.ops import kth_largest_magnitude
+
+    magnitudes = merged_ties_delta(*shape, seed=sum(shape)).abs()
+    ordered = magnitudes.flatten().sort(descending=True).values
+    for fraction in (0.2, 0.5, 0.01, 1e-6):
+        k = max(1, int(fraction * magnitudes.numel()))
+        assert kth_largest_magnitude(magnitudes.cuda(), k) == float(ordered[k - 1]), (shape, fraction)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (4096, 14336)])
+def test_gpu_refit_is_within_1e3_of_the_exact_truncation(shape: tuple[int, int]) -> None:
+    """The GPU range finder (Householder bases on the device), started as a merge starts it, against a float64 SVD."""
+    from soupkit.ops import best_rank_k
+
+    delta, start = merged_ties_delta_and_start(*shape, seed=7)
+    factors, energy = best_rank_k(delta.cuda(), 32, start=start.cuda(), seed=1)
+    approx = factors.B.double().cpu() @ factors.A.double().cpu()
+    singular = torch.linalg.svdvals(delta.double())
+    best = float(singular[32:].square().sum())
+    assert float((delta.double() - approx).square().sum()) <= best * (1 + 1e-3)
+    residual = best / float(singular.square().sum())  # the exact truncation's share of the energy lost
+    assert 1 - residual - 1e-3 * residual <= energy <= 1 - residual + 1e-9

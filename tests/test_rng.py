@@ -69,6 +69,24 @@ def test_numpy_words_equal_the_int64_torch_words() -> None:
         assert words.astype(np.int64).tolist() == rng.hash_words(start, count, key, torch.device("cpu")).tolist()
 
 
+def test_int32_words_and_draws_equal_the_int64_ones() -> None:
+    """The GPU's int32 hash (run here on the CPU): the same 32-bit words as hash_words, and the same
+    draws as counter_uniform's CPU path, past 2**31 and 2**32 too."""
+    key = rng.stream_key(3, "model.layers.0.self_attn.q_proj", "dare", "math")
+    for start, count in [(0, 5000), ((1 << 31) - 100, 300), ((1 << 32) - 8, 8), (1 << 32, 4096), (3 << 32, 7)]:
+        words = rng.hash_words_int32(start, count, key, torch.device("cpu"))
+        assert words.dtype == torch.int32
+        assert (words.long() & M32).tolist() == rng.hash_words(start, count, key, torch.device("cpu")).tolist()
+    want = rng.counter_uniform((70_001,), key, "cpu")
+    got = torch.empty(70_001)
+    rng.fill_uniform_torch(got, 0, key)
+    assert torch.equal(got, want)
+    tail = torch.empty(8)
+    rng.fill_uniform_torch(tail[:4], (1 << 32) - 4, key)  # chunks never cross 2**32 (powers of two)
+    rng.fill_uniform_torch(tail[4:], 1 << 32, key)
+    assert tail.tolist() == [plain_uniform((1 << 32) - 4 + i, key) for i in range(8)]
+
+
 def test_chunking_does_not_change_draws(monkeypatch: pytest.MonkeyPatch) -> None:
     key = rng.stream_key(0, "m", "dare", "a")
     whole = rng.counter_uniform((301, 257), key, "cpu")

@@ -216,15 +216,32 @@ def frobenius_norm(f: LoraFactors) -> float:
 def orthonormal_columns(Y: torch.Tensor, rounds: int = 2) -> torch.Tensor:
     """Orthonormal basis (n, k <= m) of the column space of a tall (n, m) matrix, float32.
 
-    From the float64 Gram matrix (``gram_basis``), applied ``rounds`` times (two: CholeskyQR2-style,
-    orthonormal to float32 precision; one: a well-conditioned basis of the same span, enough inside
-    a power iteration); several times faster than LAPACK QR on CPU.
+    On the CPU from the float64 Gram matrix (``gram_columns``); on a GPU by float64 Householder QR
+    (``householder_columns``), which stays on the device: the Gram route needs a host eigh, and its
+    device-to-host round trips (four per range-finder round) were most of a GPU refit's time.
     """
+    if Y.device.type == "cpu":
+        return gram_columns(Y, rounds)
+    return householder_columns(Y)
+
+
+def gram_columns(Y: torch.Tensor, rounds: int = 2) -> torch.Tensor:
+    """``orthonormal_columns`` from the float64 Gram matrix (``gram_basis``), applied ``rounds`` times
+    (two: CholeskyQR2-style, orthonormal to float32 precision; one: a well-conditioned basis of the
+    same span, enough inside a power iteration); several times faster than LAPACK QR on the CPU.
+    Directions at rounding level are dropped, so k < m for a rank-deficient Y."""
     Q = Y.double()
     for _ in range(rounds):
         W, s = gram_basis(Q, rtol=1e-12)
         Q = Q @ (W / s[None, :])
     return Q.float()
+
+
+def householder_columns(Y: torch.Tensor) -> torch.Tensor:
+    """``orthonormal_columns`` by float64 Householder QR (k = m): orthonormal to float64 precision
+    whatever Y's rank (the columns beyond its rank span other directions, which a range finder may
+    hold: they only widen the subspace searched)."""
+    return torch.linalg.qr(Y.double(), mode="reduced").Q.float()
 
 
 def top_ritz(Z: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
