@@ -30,6 +30,18 @@ def params_for(name: str):
     return REGISTRY[name].Params.model_validate({} if density is None else {"density": density})
 
 
+def two_inputs(d_out: int, d_in: int, g: torch.Generator, dev: torch.device, bf16: bool = False) -> list[LoraFactors]:
+    """Two random rank-32 inputs on ``dev``, float32 (rounded through bf16 first with ``bf16``, as read from bf16 files)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return [
+        LoraFactors(
+            A=(torch.randn(32, d_in, generator=g) / 64).to(dev, dtype).float(),
+            B=(torch.randn(d_out, 32, generator=g) * 0.03).to(dev, dtype).float(),
+        )
+        for _ in range(2)
+    ]
+
+
 def timed(fn, reps: int = 5) -> tuple[float, object]:
     out = None
     times = []
@@ -64,13 +76,7 @@ def main() -> None:
     totals = {m: [0.0, 0.0] for m in METHODS}
     print("| method | shape | dense step ms | refit ms | refit rounds |\n|---|---|---|---|---|")
     for label, (d_out, d_in) in SHAPES.items():
-        factors = [
-            LoraFactors(
-                A=(torch.randn(32, d_in, generator=g) / 64).to(dev, torch.bfloat16).float(),
-                B=(torch.randn(d_out, 32, generator=g) * 0.03).to(dev, torch.bfloat16).float(),
-            )
-            for _ in range(2)
-        ]
+        factors = two_inputs(d_out, d_in, g, dev, bf16=True)
         start = torch.cat([f.A for f in factors]).T
         ctx = MergeContext("model.layers.0.mlp.up_proj", 32, 0, dev, sources=("a0", "a1"))
         for name in METHODS:
@@ -105,12 +111,7 @@ def variants(dev: torch.device, g: torch.Generator) -> None:
         "threshold: radix ms | bracket ms | same threshold |\n|---|---|---|---|---|---|---|"
     )
     for label, (d_out, d_in) in SHAPES.items():
-        factors = [
-            LoraFactors(
-                A=(torch.randn(32, d_in, generator=g) / 64).to(dev), B=(torch.randn(d_out, 32, generator=g) * 0.03).to(dev)
-            )
-            for _ in range(2)
-        ]
+        factors = two_inputs(d_out, d_in, g, dev)
         start = torch.cat([f.A for f in factors]).T
         ctx = MergeContext("model.layers.0.mlp.up_proj", 32, 0, dev, sources=("a0", "a1"))
         merged = REGISTRY["ties"].dense_merge(factors, [1.0, 1.0], params_for("ties"), ctx)
@@ -151,10 +152,7 @@ def profile(dev: torch.device, g: torch.Generator, name: str = "ties") -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    factors = [
-        LoraFactors(A=(torch.randn(32, 4096, generator=g) / 64).to(dev), B=(torch.randn(14336, 32, generator=g) * 0.03).to(dev))
-        for _ in range(2)
-    ]
+    factors = two_inputs(14336, 4096, g, dev)
     start = torch.cat([f.A for f in factors]).T
     ctx = MergeContext("model.layers.0.mlp.up_proj", 32, 0, dev, sources=("a0", "a1"))
     method, params = REGISTRY[name], params_for(name)
