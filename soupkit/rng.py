@@ -7,11 +7,10 @@ drawn under a 64-bit ``key`` (k0, k1) gets
     u = (x >> 8) * 2**-24                                   # float32 in [0, 1), 24-bit mantissa
 
 with ``lo``/``hi`` the low/high 32 bits of i and ``mix32`` Wellons' "lowbias32" integer hash
-(a bijection of 32-bit words with low avalanche bias). Every step is integer arithmetic on 32-bit values held in int64
-tensors (on a GPU in int32 ones, wrapping), so CPU and GPU give the same bits: products stay below 2**63
-(multipliers above 2**31 are applied as their negative twin c - 2**32, which is equal mod 2**32)
-and each step is masked back to 32 bits (on the CPU, numpy's uint32 words give the same bits in a
-third of the time). No global RNG, no host generator, no host-device copy.
+(a bijection of 32-bit words with low avalanche bias). Every step is 32-bit integer arithmetic, so CPU
+and GPU give the same bits: with torch on int32 tensors (products wrap mod 2**32 as two's complement
+does; right shifts are made logical by masking the bits the sign fills in), on the CPU with numpy's
+uint32 words (a third of the time). No global RNG, no host generator, no host-device copy.
 
 The key comes from ``stream_key(seed, module, salt, adapter name)`` (sha256 of the parts), so a
 draw depends only on what it is for, never on adapter order, threads or device.
@@ -28,10 +27,10 @@ RNG_NAME = "counter-hash-v1"  # recorded in lock files; bump when the draws chan
 
 MASK32 = 0xFFFFFFFF
 LOWBIAS32 = ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None))  # (xorshift, then multiplier) steps
-# Elements per pass: a GPU wants long kernels. On a CPU, one pass is torch's grain (32768 elements,
-# int64 buffers of 256 KB, in L2), which torch runs on one thread at any thread count: the ~25 short
-# integer passes per chunk are too small to share, and threads that wait for each other at every pass
-# made a 14336 x 4096 draw take 60-110 s instead of 3 s on the shared 2-core box (load average 20).
+# Elements per pass: a GPU wants long kernels. On a CPU (numpy's uint32 words), one chunk of 32768
+# words stays in L2; torch's integer passes, used there before numpy, ran that grain on one thread, since
+# threads that waited for each other at every pass made a 14336 x 4096 draw take 60-110 s instead of 3 s
+# on the shared 2-core box (load average 20).
 CHUNK = {"cpu": 1 << 15, "other": 1 << 26}
 
 
@@ -41,47 +40,15 @@ def stream_key(*parts: object) -> tuple[int, int]:
     return tuple(int.from_bytes(digest[4 * k : 4 * k + 4], "little") for k in range(2))  # type: ignore[return-value]
 
 
-def _signed_multiplier(c: int) -> int:
-    """c or c - 2**32 (equal mod 2**32), whichever is below 2**31 in size: x * m never overflows int64."""
-    return c - (1 << 32) if c >= 1 << 31 else c
-
-
-def _mix32(x: torch.Tensor, tmp: torch.Tensor) -> None:
-    """lowbias32 in place on int64 values in [0, 2**32); ``tmp`` is scratch of the same shape."""
-    for shift, mult in LOWBIAS32:
-        torch.bitwise_right_shift(x, shift, out=tmp)
-        x.bitwise_xor_(tmp)
-        if mult is not None:
-            x.mul_(_signed_multiplier(mult)).bitwise_and_(MASK32)
-
-
-def hash_words(start: int, count: int, key: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """32-bit hashes (int64 tensor of ``count``) of element indices start .. start+count-1.
-
-    The range must not cross a multiple of 2**32 (callers chunk by powers of two).
-    """
-    hi, lo = divmod(start, 1 << 32)
-    if lo + count > 1 << 32:
-        raise ValueError("hash_words ranges must not cross a multiple of 2**32")
-    k0, k1 = key
-    x = torch.arange(lo, lo + count, dtype=torch.int64, device=device)
-    tmp = torch.empty_like(x)
-    x.bitwise_xor_(k0)
-    _mix32(x, tmp)
-    x.bitwise_xor_(k1 ^ (hi & MASK32))
-    _mix32(x, tmp)
-    return x
-
-
 def _as_int32(c: int) -> int:
     """The int32 value with c's 32 bits (c in [0, 2**32))."""
     return c - (1 << 32) if c >= 1 << 31 else c
 
 
-def _mix32_int32(x: torch.Tensor, tmp: torch.Tensor) -> None:
-    """lowbias32 in place on int32 tensors holding the 32-bit words: products wrap mod 2**32 as two's
-    complement int32 arithmetic does, and each right shift is made logical by masking the bits that
-    the sign filled in. The same bits as ``_mix32`` with half the memory traffic (tests/test_rng.py)."""
+def _mix32(x: torch.Tensor, tmp: torch.Tensor) -> None:
+    """lowbias32 in place on an int32 tensor of 32-bit words (``tmp``: scratch of the same shape).
+    int32 rather than int64 words: half the memory traffic, which made DARE's and DELLA's draws most
+    of their dense step on an H100."""
     for shift, mult in LOWBIAS32:
         torch.bitwise_right_shift(x, shift, out=tmp).bitwise_and_((1 << (32 - shift)) - 1)
         x.bitwise_xor_(tmp)
@@ -89,25 +56,31 @@ def _mix32_int32(x: torch.Tensor, tmp: torch.Tensor) -> None:
             x.mul_(_as_int32(mult))
 
 
-def hash_words_int32(start: int, count: int, key: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """``hash_words`` as an int32 tensor of the same 32-bit words (negative where the top bit is set),
-    for the GPU: the int64 passes made DARE's and DELLA's draws most of their dense step on an H100."""
+def _split(start: int, count: int) -> tuple[int, int]:
+    """(high, low) 32-bit words of ``start``; a range never crosses a multiple of 2**32 (callers chunk by powers of two)."""
     hi, lo = divmod(start, 1 << 32)
     if lo + count > 1 << 32:
         raise ValueError("hash_words ranges must not cross a multiple of 2**32")
+    return hi, lo
+
+
+def hash_words(start: int, count: int, key: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """32-bit hashes of element indices start .. start+count-1: an int32 tensor of ``count`` words
+    (negative where the top bit is set; ``words.long() & 0xFFFFFFFF`` gives them as numbers)."""
+    hi, lo = _split(start, count)
     k0, k1 = key
     x = torch.arange(count, dtype=torch.int32, device=device).add_(_as_int32(lo))  # wraps as lo + i does mod 2**32
     tmp = torch.empty_like(x)
     x.bitwise_xor_(_as_int32(k0))
-    _mix32_int32(x, tmp)
+    _mix32(x, tmp)
     x.bitwise_xor_(_as_int32((k1 ^ hi) & MASK32))
-    _mix32_int32(x, tmp)
+    _mix32(x, tmp)
     return x
 
 
 def _mix32_numpy(x: np.ndarray, tmp: np.ndarray) -> None:
     """lowbias32 in place on uint32 words: numpy's uint32 products wrap mod 2**32 and its shifts are
-    logical, so these are the same bits as ``_mix32`` with half the memory traffic."""
+    logical, so these are the same bits as ``_mix32``."""
     for shift, mult in LOWBIAS32:
         np.right_shift(x, shift, out=tmp)
         x ^= tmp
@@ -117,10 +90,8 @@ def _mix32_numpy(x: np.ndarray, tmp: np.ndarray) -> None:
 
 def hash_words_numpy(start: int, count: int, key: tuple[int, int], out: np.ndarray, tmp: np.ndarray) -> None:
     """``hash_words`` on the CPU into ``out`` (uint32, ``count`` long; ``tmp`` the same): the same 32-bit
-    words, 3x faster than the int64 torch passes (measured, 8192 x 2048 draws on one core)."""
-    hi, lo = divmod(start, 1 << 32)
-    if lo + count > 1 << 32:
-        raise ValueError("hash_words ranges must not cross a multiple of 2**32")
+    words, 3x faster than torch's int64 passes were (measured, 8192 x 2048 draws on one core)."""
+    hi, lo = _split(start, count)
     k0, k1 = key
     np.add(np.arange(count, dtype=np.uint32), np.uint32(lo), out=out)  # lo + count <= 2**32: no wrap
     out ^= np.uint32(k0)
@@ -151,7 +122,7 @@ def counter_uniform(shape: torch.Size | tuple[int, ...], key: tuple[int, int], d
 
 def fill_uniform_torch(out: torch.Tensor, start: int, key: tuple[int, int]) -> None:
     """Draws of elements start .. start + len(out) - 1 into the 1-D float32 ``out``, with torch on its device."""
-    words = hash_words_int32(start, out.numel(), key, out.device)
+    words = hash_words(start, out.numel(), key, out.device)
     # top 24 bits -> float32 exactly (< 2**24), times 2**-24 exactly: no rounding anywhere
     top24 = words.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)  # a logical shift of the int32 words
     torch.mul(top24, 2.0**-24, out=out)

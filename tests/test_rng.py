@@ -39,52 +39,53 @@ def plain_uniform(i: int, key: tuple[int, int]) -> float:
     return (x >> 8) / 2**24
 
 
+def words_as_numbers(words: torch.Tensor) -> list[int]:
+    """hash_words' int32 words as the unsigned 32-bit numbers they hold."""
+    return (words.long() & M32).tolist()
+
+
 def test_known_lowbias32_values() -> None:
     """Pins the hash itself: lowbias32(1) and lowbias32(0xdeadbeef) as plain arithmetic gives them."""
     assert plain_lowbias32(0) == 0
-    x = torch.tensor([1, 0xDEADBEEF, M32], dtype=torch.int64)
+    x = torch.tensor([1, 0xDEADBEEF - (1 << 32), -1], dtype=torch.int32)  # 1, 0xDEADBEEF, 0xFFFFFFFF as int32
     rng._mix32(x, torch.empty_like(x))
-    assert x.tolist() == [plain_lowbias32(1), plain_lowbias32(0xDEADBEEF), plain_lowbias32(M32)]
+    assert words_as_numbers(x) == [plain_lowbias32(1), plain_lowbias32(0xDEADBEEF), plain_lowbias32(M32)]
 
 
-def test_draws_equal_plain_python_including_past_2_to_32() -> None:
+def test_words_and_draws_equal_plain_python_past_2_to_31_and_2_to_32() -> None:
+    """The torch hash (the GPU's path, run here on the CPU): int32 words that wrap past 2**31, and the
+    high word past 2**32 (a huge embedding's elements)."""
+    key = rng.stream_key(7, "model.layers.3.mlp.up_proj", "dare", "math")
+    for start, count in [(0, 15), ((1 << 31) - 4, 8), ((1 << 32) - 8, 8), (1 << 32, 8), (3 << 32, 7)]:
+        words = rng.hash_words(start, count, key, torch.device("cpu"))
+        assert words.dtype == torch.int32
+        assert [(w >> 8) / 2**24 for w in words_as_numbers(words)] == [plain_uniform(start + i, key) for i in range(count)]
+    drawn = torch.empty(8)
+    rng.fill_uniform_torch(drawn[:4], (1 << 32) - 4, key)  # chunks never cross 2**32 (powers of two)
+    rng.fill_uniform_torch(drawn[4:], 1 << 32, key)
+    assert drawn.tolist() == [plain_uniform((1 << 32) - 4 + i, key) for i in range(8)]
+
+
+def test_cpu_draws_equal_plain_python() -> None:
     key = rng.stream_key(7, "model.layers.3.mlp.up_proj", "dare", "math")
     u = rng.counter_uniform((3, 5), key, "cpu")
     assert u.dtype == torch.float32
     assert u.flatten().tolist() == [plain_uniform(i, key) for i in range(15)]
-    start = (1 << 32) - 8  # a huge embedding's elements beyond 2**32 use the high word
-    words = torch.cat([rng.hash_words(start, 8, key, torch.device("cpu")), rng.hash_words(1 << 32, 8, key, torch.device("cpu"))])
-    want = [plain_uniform(start + i, key) for i in range(16)]
-    assert ((words >> 8).double() / 2**24).tolist() == want
 
 
-def test_numpy_words_equal_the_int64_torch_words() -> None:
-    """The CPU's uint32 numpy hash (counter_uniform's CPU path) gives hash_words' bits, past 2**32 too."""
+def test_numpy_words_equal_the_torch_words() -> None:
+    """The CPU's uint32 numpy hash (counter_uniform's CPU path) and the torch one (the GPU's) give the
+    same words, past 2**32 too; and the same draws over several chunks."""
     import numpy as np
 
     key = rng.stream_key(5, "model.layers.1.mlp.down_proj", "della", "code")
-    for start, count in [(0, 5000), ((1 << 32) - 8, 8), (1 << 32, 4096), (3 << 32, 7)]:
+    for start, count in [(0, 5000), ((1 << 31) - 100, 300), ((1 << 32) - 8, 8), (1 << 32, 4096), (3 << 32, 7)]:
         words, tmp = np.empty(count, dtype=np.uint32), np.empty(count, dtype=np.uint32)
         rng.hash_words_numpy(start, count, key, words, tmp)
-        assert words.astype(np.int64).tolist() == rng.hash_words(start, count, key, torch.device("cpu")).tolist()
-
-
-def test_int32_words_and_draws_equal_the_int64_ones() -> None:
-    """The GPU's int32 hash (run here on the CPU): the same 32-bit words as hash_words, and the same
-    draws as counter_uniform's CPU path, past 2**31 and 2**32 too."""
-    key = rng.stream_key(3, "model.layers.0.self_attn.q_proj", "dare", "math")
-    for start, count in [(0, 5000), ((1 << 31) - 100, 300), ((1 << 32) - 8, 8), (1 << 32, 4096), (3 << 32, 7)]:
-        words = rng.hash_words_int32(start, count, key, torch.device("cpu"))
-        assert words.dtype == torch.int32
-        assert (words.long() & M32).tolist() == rng.hash_words(start, count, key, torch.device("cpu")).tolist()
-    want = rng.counter_uniform((70_001,), key, "cpu")
-    got = torch.empty(70_001)
-    rng.fill_uniform_torch(got, 0, key)
-    assert torch.equal(got, want)
-    tail = torch.empty(8)
-    rng.fill_uniform_torch(tail[:4], (1 << 32) - 4, key)  # chunks never cross 2**32 (powers of two)
-    rng.fill_uniform_torch(tail[4:], 1 << 32, key)
-    assert tail.tolist() == [plain_uniform((1 << 32) - 4 + i, key) for i in range(8)]
+        assert words.astype(np.int64).tolist() == words_as_numbers(rng.hash_words(start, count, key, torch.device("cpu")))
+    torch_drawn = torch.empty(70_001)
+    rng.fill_uniform_torch(torch_drawn, 0, key)
+    assert torch.equal(torch_drawn, rng.counter_uniform((70_001,), key, "cpu"))
 
 
 def test_chunking_does_not_change_draws(monkeypatch: pytest.MonkeyPatch) -> None:
