@@ -122,23 +122,34 @@ def timed(step, steps: int = 10, warmup: int = 3) -> tuple[float, int]:
     return BATCH * SEQ * steps / (time.perf_counter() - start), torch.cuda.max_memory_allocated()
 
 
-def bench_step() -> None:
-    from soupkit.fit.model import CatFitModel, TargetModule
+class FitSetup:
+    """The Llama-7B-shaped base, two rank-32 adapters, one batch, and the CAT model (its paths detached)."""
 
-    base = llama7b()
-    factors = random_adapters(base)
-    ids = torch.randint(0, 32000, (BATCH, SEQ), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
-    mask = torch.ones_like(ids)
-    weights_bytes = torch.cuda.memory_allocated()
+    def __init__(self) -> None:
+        from soupkit.fit.model import CatFitModel, TargetModule
 
-    def floor() -> None:
-        embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
+        self.base = llama7b()
+        self.factors = random_adapters(self.base)
+        gen = torch.Generator(device="cuda").manual_seed(2)
+        self.ids = torch.randint(0, 32000, (BATCH, SEQ), device="cuda", generator=gen)
+        self.mask = torch.ones_like(self.ids)
+        self.weights_bytes = torch.cuda.memory_allocated()  # model + adapters, before the CAT model's copies
+        targets = [TargetModule(name, int(name.split(".")[2]), (0, 1), (RANK, RANK)) for name in self.factors]
+        self.cat = CatFitModel(self.base, targets, list(self.factors.values()), 2, "module", "softmax").cuda()
+        self.cat.detach_paths()  # attached only while its own variant runs
+
+    def floor(self, attention_mask: torch.Tensor | None = None) -> None:
+        """One forward+backward of the base alone (gradients reach the input embeddings)."""
+        embeds = self.base.get_input_embeddings()(self.ids).detach().requires_grad_(True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            token_loss(base(inputs_embeds=embeds, use_cache=False).logits, ids).backward()
+            logits = self.base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+            token_loss(logits, self.ids).backward()
 
-    targets = [TargetModule(name, int(name.split(".")[2]), (0, 1), (RANK, RANK)) for name in factors]
-    cat = CatFitModel(base, targets, list(factors.values()), 2, "module", "softmax").cuda()
-    cat.detach_paths()  # attached only while its own variant runs
+
+def bench_step() -> None:
+    setup = FitSetup()
+    base, factors, ids, mask, cat = setup.base, setup.factors, setup.ids, setup.mask, setup.cat
+    floor = setup.floor
     cat_opt = torch.optim.Adam([cat.logits], lr=5e-2)
 
     def soupkit_step() -> None:
@@ -166,7 +177,7 @@ def bench_step() -> None:
 
             rows[label] = timed(per_adapter_step)
             plain.remove()
-    report(rows, weights_bytes)
+    report(rows, setup.weights_bytes)
 
 
 def bench_profile() -> None:
@@ -174,21 +185,9 @@ def bench_profile() -> None:
     of the soupkit step to the floor, then torch.profiler's top CUDA kernels of the floor and the step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from soupkit.fit.model import CatFitModel, TargetModule
-
-    base = llama7b()
-    factors = random_adapters(base)
-    ids = torch.randint(0, 32000, (BATCH, SEQ), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
-    mask = torch.ones_like(ids)
-    targets = [TargetModule(name, int(name.split(".")[2]), (0, 1), (RANK, RANK)) for name in factors]
-    cat = CatFitModel(base, targets, list(factors.values()), 2, "module", "softmax").cuda()
-    cat.detach_paths()
+    setup = FitSetup()
+    ids, mask, cat, floor = setup.ids, setup.mask, setup.cat, setup.floor
     opt = torch.optim.Adam([cat.logits], lr=5e-2)
-
-    def floor(attention_mask: torch.Tensor | None = None) -> None:
-        embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            token_loss(base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits, ids).backward()
 
     def step(optimizer: bool = True, attention_mask: torch.Tensor | None = mask) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
